@@ -1,0 +1,34 @@
+# Set-up and entry points. Everything works on a machine that has nothing but Python >= 3.11.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup data test demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install -e ".[dev,data]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Optional real-data corpora from Debian (text for SAEs, Fashion-MNIST for pruning).
+# Installed only when we are root with apt-get; every loader falls back or explains otherwise.
+data:
+	bash scripts/install_data.sh
+
+test: setup
+	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m experiments.sae_demo
+
+bench: setup
+	$(PY) -m benchmarks.allocation
+
+clean:
+	rm -rf $(VENV) .pytest_cache
