@@ -1,0 +1,125 @@
+"""Allocation strategies vs the encoder matmul, timed in one run.
+
+Prints, for B tokens, d model width, k active features and each F, the median time of
+every allocation strategy and its ratio to the encoder matmul ``[B, d] x [d, F]``
+measured in the same run, and checks in the same run that the fast Mutual Choice path
+equals the plain flat ``lax.top_k`` selection.
+
+Run:
+  python -m benchmarks.allocation                   # B=4096, d=768, k=32, F in 4096,16384,32768
+  python -m benchmarks.allocation --quick           # small shapes, a smoke run
+
+Writes ``benchmarks/results/allocation.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from sae_jax import allocation
+
+
+def median_time(fn, *args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))  # compile and warm up
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def flat_mutual_choice(scores, n):
+  b, f = scores.shape
+  _, idx = lax.top_k(scores.reshape(-1), n)
+  return jnp.zeros((b * f,), bool).at[idx].set(True).reshape(b, f)
+
+
+def bench_one(b: int, d: int, f: int, k: int, repeats: int, seed: int) -> dict:
+  kx, kw = jax.random.split(jax.random.key(seed))
+  x = jax.random.normal(kx, (b, d), jnp.float32)
+  w = jax.random.normal(kw, (d, f), jnp.float32) / np.sqrt(d)
+  scores = jax.block_until_ready(jax.jit(jnp.matmul)(x, w))
+  n = allocation.mutual_choice_budget(b, k)
+  zipf = allocation.zipf_capacities(f, n, 1.0, max_capacity=b)
+  uniform = allocation.zipf_capacities(f, n, 0.0)
+  cases = {
+      "matmul": (jax.jit(jnp.matmul), (x, w)),
+      "topk": (jax.jit(lambda s: allocation.topk(s, k)), (scores,)),
+      "mutual_choice": (jax.jit(lambda s: allocation.mutual_choice(s, k)), (scores,)),
+      "mutual_choice_flat_top_k": (jax.jit(lambda s: flat_mutual_choice(s, n)), (scores,)),
+      "feature_choice_uniform": (jax.jit(lambda s: allocation.feature_choice(s, uniform)),
+                                 (scores,)),
+      "feature_choice_zipf": (jax.jit(lambda s: allocation.feature_choice(s, zipf)), (scores,)),
+      "threshold": (jax.jit(lambda s: allocation.threshold(s, 1.5)), (scores,)),
+  }
+  times = {name: median_time(fn, *args, repeats=repeats) for name, (fn, args) in cases.items()}
+  mc = np.asarray(cases["mutual_choice"][0](scores))
+  flat = np.asarray(cases["mutual_choice_flat_top_k"][0](scores))
+  fc = np.asarray(cases["feature_choice_uniform"][0](scores))
+  return {
+      "B": b, "d": d, "F": f, "k": k,
+      "seconds": times,
+      "ratio_to_matmul": {name: t / times["matmul"] for name, t in times.items()},
+      "ratio_to_topk": {name: t / times["topk"] for name, t in times.items()},
+      "mutual_choice_exact": bool((mc == flat).all()),
+      "mutual_choice_count": int(mc.sum()),
+      "feature_choice_column_counts_exact": bool((fc.sum(0) == uniform).all()),
+      "zipf_max_capacity": int(zipf.max()),
+  }
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--tokens", type=int, default=4096)
+  parser.add_argument("--d-model", type=int, default=768)
+  parser.add_argument("--k", type=int, default=32)
+  parser.add_argument("--features", type=int, nargs="+", default=[4096, 16384, 32768])
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--quick", action="store_true", help="small shapes for a smoke run")
+  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                    "allocation.json"))
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.tokens, args.d_model, args.k, args.features, args.repeats = 256, 64, 8, [1024], 2
+
+  rows = []
+  header = f"{'F':>6} {'strategy':<26} {'median s':>9} {'x matmul':>9} {'x topk':>7}"
+  print(f"B={args.tokens} d={args.d_model} k={args.k} devices={jax.devices()}")
+  print(header)
+  for f in args.features:
+    row = bench_one(args.tokens, args.d_model, f, args.k, args.repeats, seed=0)
+    rows.append(row)
+    for name, t in row["seconds"].items():
+      print(f"{f:>6} {name:<26} {t:>9.4f} {row['ratio_to_matmul'][name]:>9.3f} "
+            f"{row['ratio_to_topk'][name]:>7.3f}")
+    print(f"{f:>6} mutual_choice exact vs flat lax.top_k: {row['mutual_choice_exact']}, "
+          f"FC column counts exact: {row['feature_choice_column_counts_exact']}")
+  result = {
+      "benchmark": "allocation",
+      "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                  "cpu_count": os.cpu_count(), "jax": jax.__version__,
+                  "backend": jax.default_backend(),
+                  "devices": [str(dv) for dv in jax.devices()]},
+      "repeats": args.repeats,
+      "rows": rows,
+  }
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as fh:
+    json.dump(result, fh, indent=2)
+  print(f"wrote {args.out}")
+  return result
+
+
+if __name__ == "__main__":
+  main()
