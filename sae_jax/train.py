@@ -1,0 +1,177 @@
+"""The SAE training step: a pure ``(state, batch) -> (state, metrics)`` function.
+
+One step computes the reconstruction loss (normalised MSE, plus L1 for the ReLU baseline
+and an optional auxiliary loss for dead or underutilised features), removes the gradient
+component parallel to each decoder row, applies Adam with warm-up and decay, renormalises
+the decoder rows and updates the feature-usage state. Everything is built from the pure
+functions of :mod:`sae_jax.model`, :mod:`sae_jax.losses` and :mod:`sae_jax.metrics`, and
+the step is jitted once with the configs as static arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Float
+
+from sae_jax import losses
+from sae_jax import metrics
+from sae_jax import model
+from sae_jax import params as sae_params
+
+AUX_LOSSES = ("none", "aux_k", "aux_zipf")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation settings; frozen so it can be a static jit argument.
+
+  Attributes:
+    learning_rate: peak Adam learning rate.
+    warmup_steps: linear warm-up steps from 0.
+    total_steps: schedule length; the rate decays linearly to 0 over the last
+      ``decay_fraction`` of it.
+    decay_fraction: fraction of ``total_steps`` spent decaying.
+    adam_b1, adam_b2, adam_eps: Adam settings (Gao et al. 2024 use eps 6.25e-10).
+    grad_clip: global-norm clip (0 disables).
+    aux_loss: "none", "aux_k" (dead features, Gao et al. 2024) or "aux_zipf"
+      (underutilised features against a Zipf fit, Ayonrinde 2024).
+    aux_coefficient: weight of the auxiliary loss (default 1/32).
+    k_aux: auxiliary top-k; 0 means ``d_model // 2``.
+    dead_after_tokens: a feature is dead after this many tokens without firing.
+    zipf_tau: underutilised when density < tau * fitted Zipf density at its rank.
+    zipf_weighted: weight aux_zipf candidates by their Zipf deficit.
+    usage_decay: EMA decay of per-feature firing densities.
+  """
+
+  learning_rate: float = 4e-4
+  warmup_steps: int = 100
+  total_steps: int = 10_000
+  decay_fraction: float = 0.2
+  adam_b1: float = 0.9
+  adam_b2: float = 0.999
+  adam_eps: float = 6.25e-10
+  grad_clip: float = 1.0
+  aux_loss: str = "none"
+  aux_coefficient: float = losses.DEFAULT_AUX_COEFFICIENT
+  k_aux: int = 0
+  dead_after_tokens: int = 10_000_000
+  zipf_tau: float = 1.0
+  zipf_weighted: bool = False
+  usage_decay: float = 0.99
+
+  def __post_init__(self):
+    if not self.learning_rate > 0:
+      raise ValueError(f"learning_rate must be > 0; got {self.learning_rate}.")
+    if self.total_steps < 1:
+      raise ValueError(f"total_steps must be >= 1; got {self.total_steps}.")
+    if not 0 <= self.warmup_steps <= self.total_steps:
+      raise ValueError(f"warmup_steps must be in [0, total_steps={self.total_steps}]; got "
+                       f"{self.warmup_steps}.")
+    if not 0 <= self.decay_fraction <= 1:
+      raise ValueError(f"decay_fraction must be in [0, 1]; got {self.decay_fraction}.")
+    if self.aux_loss not in AUX_LOSSES:
+      raise ValueError(f"aux_loss must be one of {AUX_LOSSES}; got {self.aux_loss!r}.")
+    if self.aux_coefficient < 0:
+      raise ValueError(f"aux_coefficient must be >= 0; got {self.aux_coefficient}.")
+    if self.k_aux < 0:
+      raise ValueError(f"k_aux must be >= 0 (0 = d_model // 2); got {self.k_aux}.")
+    if self.dead_after_tokens < 1:
+      raise ValueError(f"dead_after_tokens must be >= 1; got {self.dead_after_tokens}.")
+    if not 0 < self.usage_decay < 1:
+      raise ValueError(f"usage_decay must be in (0, 1); got {self.usage_decay}.")
+    if self.grad_clip < 0:
+      raise ValueError(f"grad_clip must be >= 0 (0 disables); got {self.grad_clip}.")
+
+
+class TrainState(NamedTuple):
+  """Everything a step reads and writes; a pytree, so it jits, shards and checkpoints."""
+
+  params: sae_params.SAEParams
+  opt_state: optax.OptState
+  usage: metrics.FeatureUsageState
+  step: Array
+
+
+def learning_rate_schedule(tcfg: TrainConfig) -> optax.Schedule:
+  """Linear warm-up, constant, then linear decay to 0 over the last decay_fraction."""
+  decay_steps = int(round(tcfg.decay_fraction * tcfg.total_steps))
+  hold = max(tcfg.total_steps - tcfg.warmup_steps - decay_steps, 0)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, tcfg.learning_rate, max(tcfg.warmup_steps, 1)),
+       optax.constant_schedule(tcfg.learning_rate),
+       optax.linear_schedule(tcfg.learning_rate, 0.0, max(decay_steps, 1))],
+      boundaries=[tcfg.warmup_steps, tcfg.warmup_steps + hold])
+
+
+def make_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
+  parts = [optax.clip_by_global_norm(tcfg.grad_clip)] if tcfg.grad_clip > 0 else []
+  parts.append(optax.adam(learning_rate_schedule(tcfg), b1=tcfg.adam_b1, b2=tcfg.adam_b2,
+                          eps=tcfg.adam_eps))
+  return optax.chain(*parts)
+
+
+def init_train_state(key: Array, cfg: model.SAEConfig, tcfg: TrainConfig,
+                     sample: Float[Array, "n d"] | None = None) -> TrainState:
+  """Tied initialisation; ``b_dec`` from the geometric median of ``sample`` if given."""
+  p = sae_params.tied_init(key, cfg.d_model, cfg.d_sae, cfg.param_dtype)
+  if sample is not None:
+    p = p._replace(b_dec=sae_params.geometric_median(sample).astype(cfg.param_dtype))
+  return TrainState(params=p, opt_state=make_optimizer(tcfg).init(p),
+                    usage=metrics.feature_usage_init(cfg.d_sae), step=jnp.zeros((), jnp.int32))
+
+
+def _loss(p: sae_params.SAEParams, x, usage: metrics.FeatureUsageState,
+          cfg: model.SAEConfig, tcfg: TrainConfig):
+  out = model.forward(p, x, cfg)
+  x32 = x.astype(jnp.float32)
+  recon32 = out.recon.astype(jnp.float32)
+  nmse = metrics.normalized_mse(recon32, x32)
+  loss = nmse
+  if cfg.l1_coefficient > 0:
+    loss = loss + cfg.l1_coefficient * losses.l1_penalty(out.codes.astype(jnp.float32), p.W_dec)
+  k_aux = min(tcfg.k_aux or losses.default_k_aux(cfg.d_model), cfg.d_sae)
+  aux = jnp.zeros((), jnp.float32)
+  if tcfg.aux_loss == "aux_k":
+    dead = metrics.dead_features(usage, tcfg.dead_after_tokens)
+    aux = losses.aux_k_loss(out.pre.astype(jnp.float32), x32, recon32, p.W_dec, dead, k_aux)
+  elif tcfg.aux_loss == "aux_zipf":
+    c, s = metrics.fit_zipf(usage.density_ema)
+    under = metrics.underutilised_features(usage.density_ema, c, s, tcfg.zipf_tau)
+    weights = metrics.zipf_deficit(usage.density_ema, c, s) if tcfg.zipf_weighted else None
+    aux = losses.aux_zipf_loss(out.pre.astype(jnp.float32), x32, recon32, p.W_dec, under,
+                               k_aux, weights)
+  loss = loss + tcfg.aux_coefficient * aux
+  return loss, (out, nmse, aux)
+
+
+def train_step(state: TrainState, x: Float[Array, "b d"], cfg: model.SAEConfig,
+               tcfg: TrainConfig) -> tuple[TrainState, dict[str, Array]]:
+  """One optimisation step; jit with ``static_argnames=("cfg", "tcfg")``.
+
+  Returns the new state and scalar metrics: loss, nmse, aux_loss, l0, dead_fraction,
+  learning_rate, grad_norm.
+  """
+  (loss, (out, nmse, aux)), grads = jax.value_and_grad(_loss, has_aux=True)(
+      state.params, x, state.usage, cfg, tcfg)
+  grads = sae_params.project_decoder_grads(grads, state.params.W_dec)
+  updates, opt_state = make_optimizer(tcfg).update(grads, state.opt_state, state.params)
+  new_params = sae_params.normalize_decoder(optax.apply_updates(state.params, updates))
+  usage = metrics.feature_usage_update(state.usage, out.codes, decay=tcfg.usage_decay)
+  step_metrics = {
+      "loss": loss,
+      "nmse": nmse,
+      "aux_loss": aux,
+      "l0": metrics.mean_l0(out.codes),
+      "dead_fraction": metrics.dead_fraction(usage, tcfg.dead_after_tokens),
+      "learning_rate": learning_rate_schedule(tcfg)(state.step),
+      "grad_norm": optax.tree.norm(grads),
+  }
+  return TrainState(new_params, opt_state, usage, state.step + 1), step_metrics
+
+
+jit_train_step = jax.jit(train_step, static_argnames=("cfg", "tcfg"), donate_argnames=("state",))
