@@ -119,20 +119,26 @@ def _sortable_key(values: Float[Array, "..."]) -> Array:
   return jnp.where(sign == 1, ~bits, bits | jnp.uint32(0x80000000))
 
 
-def _kth_largest_key(keys: Array, n: int) -> Array:
-  """Largest uint32 t with ``count(keys >= t) >= n``: the key of the n-th largest entry.
+def bisect_uint32(count_at_least, n) -> Array:
+  """Largest uint32 t with ``count_at_least(t) >= n``, for a count non-increasing in t.
 
-  A bisection over the 32-bit key space; each step is one counting pass, so this costs
-  32 reads of ``keys`` and never sorts.
+  32 halvings of the key space; each step calls ``count_at_least`` once (a counting pass,
+  or a counting pass plus a ``psum`` when sharded), so nothing is ever sorted.
   """
   def body(_, lo_hi):
     lo, hi = lo_hi
-    mid = lo + (hi - lo + jnp.uint32(1)) // jnp.uint32(2)
-    ok = jnp.sum(keys >= mid, dtype=jnp.int32) >= n
+    span = hi - lo  # no overflow: hi >= lo
+    mid = lo + span // jnp.uint32(2) + (span & jnp.uint32(1))  # ceil midpoint, <= hi
+    ok = count_at_least(mid) >= n
     return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - jnp.uint32(1))
 
   lo, _ = lax.fori_loop(0, 32, body, (jnp.uint32(0), jnp.uint32(0xFFFFFFFF)))
   return lo
+
+
+def _kth_largest_key(keys: Array, n: int) -> Array:
+  """The key of the n-th largest entry of ``keys``."""
+  return bisect_uint32(lambda u: jnp.sum(keys >= u, dtype=jnp.int32), n)
 
 
 def _select_top_n_flat(values: Float[Array, "m"], n: int) -> Bool[Array, "m"]:
@@ -199,17 +205,24 @@ def mutual_choice(scores: Float[Array, "b f"], k: float, *,
   if cap >= f or b * cap <= n:
     return _mutual_choice_flat(scores, n)
 
+  mask, saturated = _mutual_choice_candidates(scores, n, cap)
+  return lax.cond(saturated, lambda s: _mutual_choice_flat(s, n), lambda _: mask, scores)
+
+
+def _mutual_choice_candidates(scores, n: int, cap: int) -> tuple[Array, Array]:
+  """The candidate-stage Mutual Choice mask and whether any row was saturated.
+
+  The mask is exact when ``saturated`` is False.
+  """
+  b, f = scores.shape
   cand_BxC, col_BxC = lax.top_k(scores, cap)
   # Candidates in row-major order, each row's proposals by value then by column: among
   # equal values this is the row-major flat order, so ties resolve as in the flat case.
   keep_BxC = _select_top_n_flat(cand_BxC.reshape(-1), n).reshape(b, cap)
   saturated = jnp.any(jnp.all(keep_BxC, axis=1))
   rows_BxC = jnp.broadcast_to(jnp.arange(b, dtype=col_BxC.dtype)[:, None], col_BxC.shape)
-
-  def from_candidates(_):
-    return _rows_mask((b, f), rows_BxC.reshape(-1), col_BxC.reshape(-1), keep_BxC.reshape(-1))
-
-  return lax.cond(saturated, lambda s: _mutual_choice_flat(s, n), from_candidates, scores)
+  mask = _rows_mask((b, f), rows_BxC.reshape(-1), col_BxC.reshape(-1), keep_BxC.reshape(-1))
+  return mask, saturated
 
 
 batch_topk = mutual_choice
