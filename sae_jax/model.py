@@ -18,9 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
 from sae_jax import allocation
+from sae_jax import sharded_allocation
 from sae_jax.params import SAEParams, tied_init
 
 ALLOCATIONS = ("topk", "batch_topk", "mutual_choice", "feature_choice",
@@ -197,6 +199,7 @@ def allocate(
     pre: Float[Array, "b f"],
     cfg: SAEConfig,
     capacity: Int[Array, " f"] | np.ndarray | None = None,
+    mesh: Mesh | None = None,
 ) -> Bool[Array, "b f"]:
   """Chooses the active ``(token, feature)`` entries; carries no gradient.
 
@@ -212,6 +215,9 @@ def allocate(
       ``[0, b]``) overriding the defaults of the Feature Choice rules, e.g. the
       Zipf capacities permuted by the current feature-frequency ranks. A traced
       array does not cause recompilation. Only valid for Feature Choice.
+    mesh: optional ("data", "model") mesh over which ``pre`` is sharded (tokens
+      over "data", features over "model"); the selection then runs exactly over
+      the global batch with :mod:`sae_jax.sharded_allocation`.
 
   Returns:
     Boolean mask shaped like ``pre``. Exact counts: ``k`` per row for
@@ -236,21 +242,31 @@ def allocate(
   if cfg.allocation == "relu":
     return pre > 0
   scores_BxF = jax.nn.relu(pre) if cfg.select_on == "relu" else pre
+  sharded = mesh is not None and mesh.size > 1
   if cfg.allocation == "topk":
+    if sharded:
+      return sharded_allocation.topk_sharded(scores_BxF, int(cfg.k), mesh)
     return allocation.topk(scores_BxF, int(cfg.k))
   if cfg.allocation in ("batch_topk", "mutual_choice"):
+    if sharded:
+      return sharded_allocation.mutual_choice_sharded(scores_BxF, cfg.k, mesh)
     return allocation.mutual_choice(scores_BxF, cfg.k)
 
   batch_size = pre.shape[0]
+  max_capacity = None
   if capacity is None:
-    return allocation.feature_choice(scores_BxF, feature_capacities(cfg, batch_size))
-  if tuple(np.shape(capacity)) != (cfg.d_sae,):
+    capacity = feature_capacities(cfg, batch_size)
+  elif tuple(np.shape(capacity)) != (cfg.d_sae,):
     raise ValueError(
         f"capacity must have shape [d_sae={cfg.d_sae}]; got {tuple(np.shape(capacity))}.")
-  # No column can keep more rows than the batch has, so b bounds the static
-  # selection width whatever values traced capacities take; concrete ones set
-  # the width from their own maximum.
-  return allocation.feature_choice(scores_BxF, capacity, max_capacity=batch_size)
+  elif not isinstance(capacity, np.ndarray):
+    # No column can keep more rows than the batch has, so b bounds the static
+    # selection width whatever values traced capacities take.
+    max_capacity = batch_size
+  if sharded:
+    return sharded_allocation.feature_choice_sharded(scores_BxF, capacity, mesh,
+                                                     max_capacity=max_capacity)
+  return allocation.feature_choice(scores_BxF, capacity, max_capacity=max_capacity)
 
 
 def encode(
@@ -258,6 +274,7 @@ def encode(
     x: Float[Array, "b d"],
     cfg: SAEConfig,
     capacity: Int[Array, " f"] | np.ndarray | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[Float[Array, "b f"], Float[Array, "b f"], Bool[Array, "b f"]]:
   """Sparse codes of ``x``; gradients flow only through the selected entries.
 
@@ -266,6 +283,7 @@ def encode(
     x: Input activations, ``[b, d]``.
     cfg: SAE configuration.
     capacity: Optional Feature Choice capacities, see ``allocate``.
+    mesh: Optional mesh for exact sharded selection, see ``allocate``.
 
   Returns:
     ``(codes, pre, mask)``, each ``[b, f]``, ``codes = where(mask, relu(pre), 0)``.
@@ -274,7 +292,7 @@ def encode(
     ValueError: as ``encode_pre`` and ``allocate``.
   """
   pre_BxF = encode_pre(params, x, cfg)
-  mask_BxF = allocate(pre_BxF, cfg, capacity)
+  mask_BxF = allocate(pre_BxF, cfg, capacity, mesh)
   codes_BxF = jnp.where(mask_BxF, jax.nn.relu(pre_BxF), jnp.zeros_like(pre_BxF))
   return codes_BxF, pre_BxF, mask_BxF
 
@@ -309,6 +327,7 @@ def forward(
     x: Float[Array, "b d"],
     cfg: SAEConfig,
     capacity: Int[Array, " f"] | np.ndarray | None = None,
+    mesh: Mesh | None = None,
 ) -> SAEOutput:
   """Encodes and decodes ``x``.
 
@@ -322,6 +341,7 @@ def forward(
     x: Input activations, ``[b, d]``.
     cfg: SAE configuration.
     capacity: Optional Feature Choice capacities, see ``allocate``.
+    mesh: Optional mesh for exact sharded selection, see ``allocate``.
 
   Returns:
     ``SAEOutput(recon, codes, pre, mask)``.
@@ -329,7 +349,7 @@ def forward(
   Raises:
     ValueError: as ``encode`` and ``decode``.
   """
-  codes_BxF, pre_BxF, mask_BxF = encode(params, x, cfg, capacity)
+  codes_BxF, pre_BxF, mask_BxF = encode(params, x, cfg, capacity, mesh)
   return SAEOutput(decode(params, codes_BxF, cfg), codes_BxF, pre_BxF, mask_BxF)
 
 

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
 from sae_jax import losses
@@ -126,8 +127,8 @@ def init_train_state(key: Array, cfg: model.SAEConfig, tcfg: TrainConfig,
 
 
 def _loss(p: sae_params.SAEParams, x, usage: metrics.FeatureUsageState,
-          cfg: model.SAEConfig, tcfg: TrainConfig):
-  out = model.forward(p, x, cfg)
+          cfg: model.SAEConfig, tcfg: TrainConfig, mesh: Mesh | None):
+  out = model.forward(p, x, cfg, mesh=mesh)
   x32 = x.astype(jnp.float32)
   recon32 = out.recon.astype(jnp.float32)
   nmse = metrics.normalized_mse(recon32, x32)
@@ -150,14 +151,19 @@ def _loss(p: sae_params.SAEParams, x, usage: metrics.FeatureUsageState,
 
 
 def train_step(state: TrainState, x: Float[Array, "b d"], cfg: model.SAEConfig,
-               tcfg: TrainConfig) -> tuple[TrainState, dict[str, Array]]:
-  """One optimisation step; jit with ``static_argnames=("cfg", "tcfg")``.
+               tcfg: TrainConfig, mesh: Mesh | None = None
+               ) -> tuple[TrainState, dict[str, Array]]:
+  """One optimisation step; jit with ``static_argnames=("cfg", "tcfg", "mesh")``.
+
+  With a ("data", "model") ``mesh`` the allocation runs exactly over the global batch
+  (see :mod:`sae_jax.sharded_allocation`); :func:`sae_jax.sharding.jit_sharded_step`
+  jits this with explicit shardings.
 
   Returns the new state and scalar metrics: loss, nmse, aux_loss, l0, dead_fraction,
   learning_rate, grad_norm.
   """
   (loss, (out, nmse, aux)), grads = jax.value_and_grad(_loss, has_aux=True)(
-      state.params, x, state.usage, cfg, tcfg)
+      state.params, x, state.usage, cfg, tcfg, mesh)
   grads = sae_params.project_decoder_grads(grads, state.params.W_dec)
   updates, opt_state = make_optimizer(tcfg).update(grads, state.opt_state, state.params)
   new_params = sae_params.normalize_decoder(optax.apply_updates(state.params, updates))
@@ -174,4 +180,5 @@ def train_step(state: TrainState, x: Float[Array, "b d"], cfg: model.SAEConfig,
   return TrainState(new_params, opt_state, usage, state.step + 1), step_metrics
 
 
-jit_train_step = jax.jit(train_step, static_argnames=("cfg", "tcfg"), donate_argnames=("state",))
+jit_train_step = jax.jit(train_step, static_argnames=("cfg", "tcfg", "mesh"),
+                         donate_argnames=("state",))

