@@ -297,6 +297,24 @@ def encode(
   return codes_BxF, pre_BxF, mask_BxF
 
 
+def encode_thresholded(
+    params: SAEParams, x: Float[Array, "b d"], cfg: SAEConfig,
+    theta: Float[Array, "f"] | float,
+) -> tuple[Float[Array, "b f"], Bool[Array, "b f"]]:
+  """Batch-independent codes: keep ``relu(pre) > theta`` (a JumpReLU at ``theta``).
+
+  ``theta`` is the calibrated threshold of training (``TrainState.threshold``): a global
+  value for Mutual Choice/BatchTopK, one per feature for Feature Choice. A token's code
+  then depends on that token alone.
+
+  References:
+    Bussmann, Leask & Nanda 2024, "BatchTopK Sparse Autoencoders", arXiv 2412.06410.
+  """
+  acts_BxF = jax.nn.relu(encode_pre(params, x, cfg))
+  mask_BxF = allocation.threshold(acts_BxF, theta)
+  return jnp.where(mask_BxF, acts_BxF, jnp.zeros_like(acts_BxF)), mask_BxF
+
+
 def decode(
     params: SAEParams, codes: Float[Array, "b f"], cfg: SAEConfig
 ) -> Float[Array, "b d"]:

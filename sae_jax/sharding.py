@@ -61,7 +61,10 @@ def state_shardings(state_shape: train.TrainState, mesh: Mesh) -> train.TrainSta
     return NamedSharding(mesh, P())
 
   is_node = lambda x: isinstance(x, (sae_params.SAEParams, metrics.FeatureUsageState))
-  return jax.tree.map(for_node, state_shape, is_leaf=is_node)
+  out = jax.tree.map(for_node, state_shape, is_leaf=is_node)
+  if isinstance(out, train.TrainState):
+    out = out._replace(threshold=NamedSharding(mesh, P(MODEL)))
+  return out
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -47,6 +47,7 @@ class TrainConfig:
     zipf_tau: underutilised when density < tau * fitted Zipf density at its rank.
     zipf_weighted: weight aux_zipf candidates by their Zipf deficit.
     usage_decay: EMA decay of per-feature firing densities.
+    threshold_decay: EMA decay of the calibrated inference thresholds.
   """
 
   learning_rate: float = 4e-4
@@ -64,6 +65,7 @@ class TrainConfig:
   zipf_tau: float = 1.0
   zipf_weighted: bool = False
   usage_decay: float = 0.99
+  threshold_decay: float = 0.99
 
   def __post_init__(self):
     if not self.learning_rate > 0:
@@ -85,16 +87,23 @@ class TrainConfig:
       raise ValueError(f"dead_after_tokens must be >= 1; got {self.dead_after_tokens}.")
     if not 0 < self.usage_decay < 1:
       raise ValueError(f"usage_decay must be in (0, 1); got {self.usage_decay}.")
+    if not 0 <= self.threshold_decay < 1:
+      raise ValueError(f"threshold_decay must be in [0, 1); got {self.threshold_decay}.")
     if self.grad_clip < 0:
       raise ValueError(f"grad_clip must be >= 0 (0 disables); got {self.grad_clip}.")
 
 
 class TrainState(NamedTuple):
-  """Everything a step reads and writes; a pytree, so it jits, shards and checkpoints."""
+  """Everything a step reads and writes; a pytree, so it jits, shards and checkpoints.
+
+  ``threshold`` ``[f]`` float32 holds the calibrated inference thresholds (negative until
+  the first batch): one global value repeated for TopK/MC, per feature for FC.
+  """
 
   params: sae_params.SAEParams
   opt_state: optax.OptState
   usage: metrics.FeatureUsageState
+  threshold: Array
   step: Array
 
 
@@ -123,7 +132,33 @@ def init_train_state(key: Array, cfg: model.SAEConfig, tcfg: TrainConfig,
   if sample is not None:
     p = p._replace(b_dec=sae_params.geometric_median(sample).astype(cfg.param_dtype))
   return TrainState(params=p, opt_state=make_optimizer(tcfg).init(p),
-                    usage=metrics.feature_usage_init(cfg.d_sae), step=jnp.zeros((), jnp.int32))
+                    usage=metrics.feature_usage_init(cfg.d_sae),
+                    threshold=jnp.full((cfg.d_sae,), -1.0, jnp.float32),
+                    step=jnp.zeros((), jnp.int32))
+
+
+def update_threshold(threshold: Float[Array, "f"], codes: Float[Array, "b f"],
+                     cfg: model.SAEConfig, decay: float) -> Float[Array, "f"]:
+  """EMA of the smallest kept positive code: the batch-independent inference threshold.
+
+  For TopK and Mutual Choice one global value (BatchTopK-style), for Feature Choice one
+  value per feature (the smallest activation each feature kept). Runs in float32 even
+  when codes are bfloat16. Entries with nothing kept this batch keep their value; the
+  first observation replaces the negative initial value outright.
+
+  References:
+    Bussmann, Leask & Nanda 2024, "BatchTopK Sparse Autoencoders", arXiv 2412.06410.
+  """
+  codes32 = codes.astype(jnp.float32)
+  big = jnp.float32(jnp.inf)
+  positive = jnp.where(codes32 > 0, codes32, big)
+  if cfg.allocation in ("feature_choice", "feature_choice_zipf"):
+    batch_min = positive.min(axis=0)
+  else:
+    batch_min = jnp.broadcast_to(positive.min(), threshold.shape)
+  seen = jnp.isfinite(batch_min)
+  ema = jnp.where(threshold < 0, batch_min, decay * threshold + (1 - decay) * batch_min)
+  return jnp.where(seen, ema, threshold)
 
 
 def _loss(p: sae_params.SAEParams, x, usage: metrics.FeatureUsageState,
@@ -168,6 +203,8 @@ def train_step(state: TrainState, x: Float[Array, "b d"], cfg: model.SAEConfig,
   updates, opt_state = make_optimizer(tcfg).update(grads, state.opt_state, state.params)
   new_params = sae_params.normalize_decoder(optax.apply_updates(state.params, updates))
   usage = metrics.feature_usage_update(state.usage, out.codes, decay=tcfg.usage_decay)
+  threshold = update_threshold(state.threshold, jax.lax.stop_gradient(out.codes), cfg,
+                               tcfg.threshold_decay)
   step_metrics = {
       "loss": loss,
       "nmse": nmse,
@@ -177,7 +214,7 @@ def train_step(state: TrainState, x: Float[Array, "b d"], cfg: model.SAEConfig,
       "learning_rate": learning_rate_schedule(tcfg)(state.step),
       "grad_norm": optax.tree.norm(grads),
   }
-  return TrainState(new_params, opt_state, usage, state.step + 1), step_metrics
+  return TrainState(new_params, opt_state, usage, threshold, state.step + 1), step_metrics
 
 
 jit_train_step = jax.jit(train_step, static_argnames=("cfg", "tcfg", "mesh"),

@@ -67,3 +67,38 @@ class TrainStepTest(parameterized.TestCase):
       train.TrainConfig(aux_loss="aux")
     with self.assertRaisesRegex(ValueError, "warmup_steps"):
       train.TrainConfig(warmup_steps=20, total_steps=10)
+
+
+class ThresholdCalibrationTest(parameterized.TestCase):
+
+  def test_global_threshold_is_min_kept_code_then_ema(self):
+    cfg = model.SAEConfig(d_model=4, d_sae=3, allocation="mutual_choice", k=1)
+    codes1 = jnp.array([[0.0, 2.0, 0.5], [3.0, 0.0, 0.0]])
+    t1 = train.update_threshold(jnp.full((3,), -1.0), codes1, cfg, 0.9)
+    np.testing.assert_allclose(t1, [0.5, 0.5, 0.5])  # first observation: the batch min
+    codes2 = jnp.array([[1.5, 0.0, 0.0], [0.0, 0.0, 2.5]])
+    t2 = train.update_threshold(t1, codes2, cfg, 0.9)
+    np.testing.assert_allclose(t2, [0.9 * 0.5 + 0.1 * 1.5] * 3, rtol=1e-6)
+
+  def test_per_feature_threshold_for_feature_choice(self):
+    cfg = model.SAEConfig(d_model=4, d_sae=3, allocation="feature_choice", k=1)
+    codes = jnp.array([[0.0, 2.0, 0.0], [3.0, 1.0, 0.0]], jnp.bfloat16)
+    t = train.update_threshold(jnp.array([-1.0, -1.0, 0.7]), codes, cfg, 0.5)
+    # Feature 2 kept nothing positive: its previous value stays.
+    np.testing.assert_allclose(t, [3.0, 1.0, 0.7])
+    self.assertEqual(t.dtype, jnp.float32)
+
+  def test_thresholded_encode_does_not_depend_on_the_batch(self):
+    cfg, tcfg, state, batch = _setup("mutual_choice")
+    for i in range(30):
+      state, _ = train.jit_train_step(state, batch(i), cfg=cfg, tcfg=tcfg)
+    theta = state.threshold
+    self.assertTrue(bool(jnp.all(theta > 0)))
+    x = batch(99)
+    codes_all, _ = model.encode_thresholded(state.params, x, cfg, theta[0])
+    codes_one, _ = model.encode_thresholded(state.params, x[5:6], cfg, theta[0])
+    np.testing.assert_array_equal(np.asarray(codes_all[5:6]), np.asarray(codes_one))
+    # Calibrated on the training distribution, mean L0 lands near the budget k.
+    l0 = float((np.asarray(codes_all) > 0).sum(1).mean())
+    self.assertGreater(l0, 0.5 * cfg.k)
+    self.assertLess(l0, 2.0 * cfg.k)
