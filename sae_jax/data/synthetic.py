@@ -12,6 +12,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 
@@ -63,3 +64,39 @@ def sample_batch(key: Array, dirs: Float[Array, "f d"], probs: Float[Array, "f"]
   magnitude = jax.random.exponential(k_mag, on.shape) + 0.5
   codes = jnp.where(on, magnitude, 0.0)
   return codes @ dirs + noise_std * jax.random.normal(k_noise, (batch_size, dirs.shape[1]))
+
+
+class SyntheticBatches:
+  """Endless, resumable batches from the generative model (the trainer's data protocol).
+
+  Batch i is drawn with ``fold_in(key(seed), i)``, so ``state()`` is just the index and a
+  restored iterator yields exactly the batches an uninterrupted one would.
+  """
+
+  def __init__(self, cfg: SyntheticConfig, batch_size: int, seed: int = 0):
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+    self.cfg, self.batch_size, self.seed, self.index = cfg, batch_size, seed, 0
+    self.dirs, self.probs = ground_truth(jax.random.key(seed), cfg)
+    self._key = jax.random.fold_in(jax.random.key(seed), 1)
+    self._sample = jax.jit(sample_batch, static_argnums=(3, 4))
+
+  def sample(self, n: int, offset: int = 2**30):
+    """``n`` tokens from a stream disjoint from the training batches (init/eval)."""
+    return self._sample(jax.random.fold_in(self._key, offset), self.dirs, self.probs, n,
+                        self.cfg.noise_std)
+
+  def state(self) -> dict:
+    return {"index": self.index}
+
+  def restore(self, state) -> None:
+    self.index = int(state["index"])
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    x = self._sample(jax.random.fold_in(self._key, self.index), self.dirs, self.probs,
+                     self.batch_size, self.cfg.noise_std)
+    self.index += 1
+    return np.asarray(x, np.float32)  # host batches, as a store reader yields them

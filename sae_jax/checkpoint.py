@@ -1,0 +1,111 @@
+"""Orbax checkpoints of the SAE train state plus JSON metadata (data position, configs).
+
+A checkpoint holds the whole ``TrainState`` pytree (restored straight into its sharded
+layout) and a JSON record with the data-iterator position and the configs it was made
+with, so a resumed run sees the same batches and a run with a different config is
+refused with a clear message instead of a shape error from deep inside Orbax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be used: corrupted, incomplete or from another config."""
+
+
+def config_record(*configs) -> dict[str, dict[str, Any]]:
+  """JSON-able record of frozen dataclass configs, keyed by class name."""
+  out = {}
+  for cfg in configs:
+    fields = {}
+    for f in dataclasses.fields(cfg):
+      v = getattr(cfg, f.name)
+      fields[f.name] = v if isinstance(v, (bool, int, float, str, type(None))) else str(v)
+    out[type(cfg).__name__] = fields
+  return out
+
+
+class Checkpointer:
+  """Keep-N Orbax checkpoints of a train state and its JSON metadata.
+
+  Args:
+    directory: folder for the checkpoints (created if missing).
+    keep: number of most recent checkpoints kept.
+  """
+
+  def __init__(self, directory: str | os.PathLike, keep: int = 3):
+    if keep < 1:
+      raise ValueError(f"keep must be >= 1; got {keep}.")
+    self.directory = pathlib.Path(directory).absolute()
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state, meta: dict) -> None:
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def restore(self, step: int, abstract_state, expected_configs: dict | None = None):
+    """Restores ``(state, meta)``; ``abstract_state`` fixes shapes, dtypes and shardings.
+
+    Raises:
+      CheckpointError: the checkpoint is missing, corrupted, or was written with
+        configs different from ``expected_configs``.
+    """
+    path = self.directory / str(step)
+    try:
+      meta = self._manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # Orbax raises many types; the user needs the path and a fix.
+      raise CheckpointError(
+          f"cannot read the metadata of checkpoint {path}: {type(e).__name__}: {e}. The "
+          "checkpoint is incomplete or corrupted; delete that folder to resume from an "
+          "earlier one, or start a new run folder.") from e
+    if expected_configs is not None and meta.get("configs") != _jsonable(expected_configs):
+      raise CheckpointError(
+          f"checkpoint {path} was written with configs {meta.get('configs')}, which differ "
+          f"from this run's {_jsonable(expected_configs)}. Use the original configs to "
+          "resume, or a new run folder to start over.")
+    try:
+      state = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state)))["state"]
+    except Exception as e:
+      raise CheckpointError(
+          f"cannot restore the train state from checkpoint {path}: {type(e).__name__}: {e}. "
+          "The checkpoint is corrupted or its arrays do not match this model; delete it "
+          "or start a new run folder.") from e
+    return state, meta
+
+
+def _jsonable(record: dict) -> dict:
+  return json.loads(json.dumps(record))
+
+
+def abstract_like(state) -> Any:
+  """ShapeDtypeStructs carrying each leaf's sharding: the restore target of ``state``."""
+  def one(x):
+    sharding = getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+  return jax.tree.map(one, state)
