@@ -213,6 +213,8 @@ def train_step(state: TrainState, x: Float[Array, "b d"], cfg: model.SAEConfig,
       "dead_fraction": metrics.dead_fraction(usage, tcfg.dead_after_tokens),
       "learning_rate": learning_rate_schedule(tcfg)(state.step),
       "grad_norm": optax.tree.norm(grads),
+      # Checked by the loop on every process, so a bad batch on one host stops them all.
+      "batch_finite": jnp.all(jnp.isfinite(x)).astype(jnp.float32),
   }
   return TrainState(new_params, opt_state, usage, threshold, state.step + 1), step_metrics
 

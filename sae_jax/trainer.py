@@ -113,37 +113,47 @@ def fit(run_dir: str | os.PathLike, cfg: model.SAEConfig, tcfg: train.TrainConfi
     batches.restore(meta["data"])
   start = int(state.step)
   metrics_path = run_dir / "metrics.jsonl"
-  _trim_metrics(metrics_path, start)
+  if jax.process_index() == 0:
+    _trim_metrics(metrics_path, start)
   step_fn = sharding.jit_sharded_step(cfg, tcfg, mesh, jax.eval_shape(lambda: state))
   batch_sharding = sharding.batch_sharding(mesh)
   last_saved = latest
   summary: dict[str, float] = {}
-  bar = tqdm(total=rcfg.steps, initial=start, desc="sae", disable=not rcfg.progress,
+  bar = tqdm(total=rcfg.steps, initial=start, desc="sae",
+             disable=not rcfg.progress or jax.process_index() != 0,
              unit="step", dynamic_ncols=True)
   t_last, tokens_since = time.perf_counter(), 0
   try:
     with open(metrics_path, "a") as log:
       for step in range(start, rcfg.steps):
         x = next(batches)
-        if not np.isfinite(x).all():
+        if jax.process_count() == 1 and not np.isfinite(x).all():
           raise NonFiniteError(
               f"batch for step {step} holds non-finite values; training stopped. Last good "
               f"checkpoint: {_ckpt_name(ckpt, last_saved)}.")
-        state, m = step_fn(state, jax.device_put(x, batch_sharding))
-        loss = float(m["loss"])
+        # Each process contributes its own rows of the global batch.
+        x_global = jax.make_array_from_process_local_data(batch_sharding, x)
+        state, m = step_fn(state, x_global)
+        m = {k: _scalar(v) for k, v in m.items()}
+        if m["batch_finite"] != 1.0:
+          raise NonFiniteError(
+              f"batch for step {step} holds non-finite values on some process; training "
+              f"stopped. Last good checkpoint: {_ckpt_name(ckpt, last_saved)}.")
+        loss = m["loss"]
         if not math.isfinite(loss):
           raise NonFiniteError(
               f"loss became {loss} at step {step}; training stopped. Last good checkpoint: "
               f"{_ckpt_name(ckpt, last_saved)} (not overwritten).")
-        tokens_since += x.shape[0]
+        tokens_since += x.shape[0] * jax.process_count()
         done = step + 1
         if done % rcfg.log_every == 0 or done == rcfg.steps:
           now = time.perf_counter()
-          summary = {k: float(v) for k, v in m.items()}
+          summary = dict(m)
           summary.update(step=done, tokens_per_s=tokens_since / max(now - t_last, 1e-9))
           t_last, tokens_since = now, 0
-          log.write(json.dumps(summary) + "\n")
-          log.flush()
+          if jax.process_index() == 0:
+            log.write(json.dumps(summary) + "\n")
+            log.flush()
           bar.set_postfix(tok_s=f"{summary['tokens_per_s']:.0f}", loss=f"{loss:.4f}",
                           l0=f"{summary['l0']:.1f}", dead=f"{summary['dead_fraction']:.3f}")
         if done % rcfg.checkpoint_every == 0 or done == rcfg.steps:
@@ -157,6 +167,11 @@ def fit(run_dir: str | os.PathLike, cfg: model.SAEConfig, tcfg: train.TrainConfi
     bar.close()
     ckpt.close()
   return state, summary
+
+
+def _scalar(x) -> float:
+  """A replicated scalar as a Python float; works when the array spans processes."""
+  return float(np.asarray(x.addressable_shards[0].data))
 
 
 def _ckpt_name(ckpt: checkpoint.Checkpointer, step: int | None) -> str:

@@ -70,13 +70,20 @@ class SyntheticBatches:
   """Endless, resumable batches from the generative model (the trainer's data protocol).
 
   Batch i is drawn with ``fold_in(key(seed), i)``, so ``state()`` is just the index and a
-  restored iterator yields exactly the batches an uninterrupted one would.
+  restored iterator yields exactly the batches an uninterrupted one would. With several
+  processes, the global batch has ``batch_size * process_count`` rows and process p
+  yields rows ``[p * batch_size, (p + 1) * batch_size)`` of it.
   """
 
-  def __init__(self, cfg: SyntheticConfig, batch_size: int, seed: int = 0):
+  def __init__(self, cfg: SyntheticConfig, batch_size: int, seed: int = 0, *,
+               process_index: int = 0, process_count: int = 1):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index must be in [0, process_count={process_count}); got "
+                       f"{process_index}.")
     self.cfg, self.batch_size, self.seed, self.index = cfg, batch_size, seed, 0
+    self.process_index, self.process_count = process_index, process_count
     self.dirs, self.probs = ground_truth(jax.random.key(seed), cfg)
     self._key = jax.random.fold_in(jax.random.key(seed), 1)
     self._sample = jax.jit(sample_batch, static_argnums=(3, 4))
@@ -97,6 +104,7 @@ class SyntheticBatches:
 
   def __next__(self):
     x = self._sample(jax.random.fold_in(self._key, self.index), self.dirs, self.probs,
-                     self.batch_size, self.cfg.noise_std)
+                     self.batch_size * self.process_count, self.cfg.noise_std)
+    x = x[self.process_index * self.batch_size:(self.process_index + 1) * self.batch_size]
     self.index += 1
     return np.asarray(x, np.float32)  # host batches, as a store reader yields them
