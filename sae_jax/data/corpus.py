@@ -45,7 +45,7 @@ BUILTINS = ("default", "bible-kjv", "fortunes", "python-doc", "python-stdlib")
 INSTALL_HINT = ("install them with `apt-get install bible-kjv fortunes python3.11-doc` "
                 "(python3.13-doc on Debian 13), or pass --text PATH")
 _VERSE = re.compile(r"^(\d?[A-Za-z]+)(\d+):(\d+) (.*)$")
-_OVERSTRIKE = re.compile(r".\x08")  # fortune files underline and bold by backspacing
+_OVERSTRIKE = re.compile(r"_+\x08|.?\x08")  # fortunes underline (___^H) and bold (x^Hx)
 
 
 class MissingCorpusWarning(UserWarning):
