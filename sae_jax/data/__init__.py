@@ -8,7 +8,6 @@ from sae_jax.data import store
 from sae_jax.data import synthetic
 from sae_jax.data.corpus import CorpusSpec
 from sae_jax.data.corpus import iter_documents
-from sae_jax.data.harvest import harvest as harvest_activations
 from sae_jax.data.minilm import load_minilm
 from sae_jax.data.minilm import load_tokenizer
 from sae_jax.data.store import ShuffledBatches
