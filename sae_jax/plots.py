@@ -1,0 +1,220 @@
+"""Figures of SAE evaluations, written as PNG files.
+
+Figures are drawn on a bare ``matplotlib.figure.Figure`` rendered by the Agg canvas, so
+nothing is shown, no pyplot state is touched and the process-wide backend is left as it
+is. Every function checks its input, writes one PNG and returns its path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _png_path(path: str | os.PathLike) -> pathlib.Path:
+  path = pathlib.Path(path)
+  if path.suffix.lower() != ".png":
+    raise ValueError(f"path must end in .png; got {str(path)!r}.")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  return path
+
+
+def _figure(width: float = 6.0, height: float = 4.0):
+  fig = Figure(figsize=(width, height))
+  FigureCanvasAgg(fig)
+  return fig, fig.add_subplot()
+
+
+def _save(fig: Figure, path: pathlib.Path) -> pathlib.Path:
+  fig.tight_layout()
+  fig.savefig(path, format="png", dpi=120)
+  return path
+
+
+def _finite(name: str, value: Any, low: float = -math.inf) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not (
+      math.isfinite(value) and value >= low):
+    raise ValueError(f"{name} must be a finite number >= {low}; got {value!r}.")
+  return float(value)
+
+
+def _nonempty(name: str, value: Any) -> None:
+  if not value:
+    raise ValueError(f"{name} must not be empty; got {value!r}.")
+
+
+def plot_density_vs_rank(densities_by_run: Mapping[str, np.ndarray],
+                         fits: Mapping[str, tuple[float, float]] | None,
+                         path: str | os.PathLike) -> pathlib.Path:
+  """Feature firing density against frequency rank, log-log, with fitted Zipf lines.
+
+  References:
+    Ayonrinde 2024, "Adaptive Sparse Allocation with Mutual Choice & Feature Choice
+    Sparse Autoencoders", arXiv 2411.02124.
+
+  Args:
+    densities_by_run: label -> ``[f]`` firing densities (e.g. ``evaluate_sae``'s
+      ``feature_density``); dead features (density 0) cannot appear on log axes.
+    fits: label -> ``(C, s)`` of ``density = C * rank^-s`` (e.g. ``zipf_C``, ``zipf_s``),
+      drawn dashed in the run's colour; labels must be runs. None or empty draws none.
+    path: PNG file to write.
+
+  Raises:
+    ValueError: on empty input, densities that are not 1-D, negative or non-finite, a
+      run without a positive density, or a fit for an unknown run or with ``C <= 0``.
+  """
+  path = _png_path(path)
+  _nonempty("densities_by_run", densities_by_run)
+  fits = dict(fits or {})
+  unknown = sorted(set(fits) - set(densities_by_run))
+  if unknown:
+    raise ValueError(f"fits has labels {unknown} that are not in densities_by_run "
+                     f"{sorted(densities_by_run)}.")
+  fig, ax = _figure()
+  for i, (label, densities) in enumerate(densities_by_run.items()):
+    density_F = np.asarray(densities, np.float64)
+    if density_F.ndim != 1 or not np.all(np.isfinite(density_F)) or np.any(density_F < 0):
+      raise ValueError(f"densities_by_run[{label!r}] must be a 1-D array of finite values "
+                       f">= 0; got shape {density_F.shape}.")
+    sorted_F = np.sort(density_F)[::-1]
+    live = int(np.sum(sorted_F > 0))
+    if live == 0:
+      raise ValueError(f"densities_by_run[{label!r}] has no positive density to draw on log "
+                       "axes (every feature is dead).")
+    ranks = np.arange(1, live + 1)
+    color = f"C{i % 10}"
+    ax.loglog(ranks, sorted_F[:live], color=color, label=label)
+    if label in fits:
+      c, s = fits[label]
+      c = _finite(f"fits[{label!r}] C", c, 0.0)
+      s = _finite(f"fits[{label!r}] s", s)
+      if c == 0:
+        raise ValueError(f"fits[{label!r}] C must be > 0 to draw on log axes; got 0.")
+      full = np.arange(1, density_F.shape[0] + 1)
+      ax.loglog(full, c * full ** (-s), color=color, linestyle="--",
+                label=f"{label}: Zipf C={c:.3g}, s={s:.2f}")
+  ax.set_xlabel("feature rank")
+  ax.set_ylabel("firing density")
+  ax.set_title("Feature density by rank")
+  ax.legend(fontsize="small")
+  return _save(fig, path)
+
+
+def plot_l0_histograms(l0_by_run: Mapping[str, np.ndarray],
+                       path: str | os.PathLike) -> pathlib.Path:
+  """Distribution of the number of active features per token, one line per run.
+
+  Args:
+    l0_by_run: label -> token counts per L0 value (index = L0), e.g. ``evaluate_sae``'s
+      ``l0_histogram``; drawn as fractions of tokens.
+    path: PNG file to write.
+
+  Raises:
+    ValueError: on empty input or counts that are not 1-D, negative, non-finite or all 0.
+  """
+  path = _png_path(path)
+  _nonempty("l0_by_run", l0_by_run)
+  fig, ax = _figure()
+  for label, counts in l0_by_run.items():
+    counts = np.asarray(counts, np.float64)
+    if counts.ndim != 1 or not np.all(np.isfinite(counts)) or np.any(counts < 0) or not (
+        counts.sum() > 0):
+      raise ValueError(f"l0_by_run[{label!r}] must be 1-D non-negative token counts per L0 "
+                       f"value with a positive total; got shape {counts.shape}.")
+    ax.step(np.arange(counts.shape[0]), counts / counts.sum(), where="mid", label=label)
+  ax.set_xlabel("active features per token (L0)")
+  ax.set_ylabel("fraction of tokens")
+  ax.set_title("Per-token L0")
+  ax.legend(fontsize="small")
+  return _save(fig, path)
+
+
+def _rows(name: str, rows: Sequence[Mapping[str, Any]], keys: tuple[str, ...]) -> None:
+  _nonempty(name, rows)
+  for i, row in enumerate(rows):
+    missing = [key for key in keys if not isinstance(row, Mapping) or key not in row]
+    if missing:
+      raise ValueError(f"{name}[{i}] lacks the keys {missing}; each entry needs {list(keys)}.")
+
+
+def plot_nmse_vs_l0(points: Sequence[Mapping[str, Any]],
+                    path: str | os.PathLike) -> pathlib.Path:
+  """Reconstruction error against sparsity: one marker per run.
+
+  Colour encodes the allocation strategy, marker shape the auxiliary loss.
+
+  Args:
+    points: dicts with ``strategy``, ``aux_loss``, ``l0_mean`` and ``nmse`` (numbers >= 0).
+    path: PNG file to write.
+
+  Raises:
+    ValueError: on empty input, a missing key, or a negative or non-finite number.
+  """
+  path = _png_path(path)
+  _rows("points", points, ("strategy", "aux_loss", "l0_mean", "nmse"))
+  strategies = list(dict.fromkeys(str(p["strategy"]) for p in points))
+  auxes = list(dict.fromkeys(str(p["aux_loss"]) for p in points))
+  fig, ax = _figure()
+  seen = set()
+  for i, p in enumerate(points):
+    l0 = _finite(f"points[{i}]['l0_mean']", p["l0_mean"], 0.0)
+    nmse = _finite(f"points[{i}]['nmse']", p["nmse"], 0.0)
+    label = f"{p['strategy']} + {p['aux_loss']}"
+    ax.scatter([l0], [nmse], color=f"C{strategies.index(str(p['strategy'])) % 10}",
+               marker=_MARKERS[auxes.index(str(p["aux_loss"])) % len(_MARKERS)],
+               label=None if label in seen else label)
+    seen.add(label)
+  ax.set_xlabel("mean L0 (active features per token)")
+  ax.set_ylabel("normalised MSE")
+  ax.set_title("Reconstruction vs sparsity")
+  ax.legend(fontsize="small")
+  return _save(fig, path)
+
+
+def plot_dead_fraction(rows: Sequence[Mapping[str, Any]],
+                       path: str | os.PathLike) -> pathlib.Path:
+  """Bar chart of dead (and, when given, underutilised) feature fractions per run.
+
+  Args:
+    rows: dicts with ``strategy``, ``aux_loss`` and ``dead_fraction`` in [0, 1]; an
+      ``underutilised_fraction`` in [0, 1] adds a second bar (in every row or none).
+    path: PNG file to write.
+
+  Raises:
+    ValueError: on empty input, a missing key, a fraction outside [0, 1], or
+      ``underutilised_fraction`` in some rows only.
+  """
+  path = _png_path(path)
+  _rows("rows", rows, ("strategy", "aux_loss", "dead_fraction"))
+  has_under = ["underutilised_fraction" in row for row in rows]
+  if any(has_under) and not all(has_under):
+    raise ValueError("underutilised_fraction must be given in every row or in none; rows "
+                     f"{[i for i, h in enumerate(has_under) if not h]} lack it.")
+  columns = ["dead_fraction"] + (["underutilised_fraction"] if all(has_under) else [])
+  values = np.zeros((len(rows), len(columns)))
+  for i, row in enumerate(rows):
+    for j, key in enumerate(columns):
+      values[i, j] = _finite(f"rows[{i}][{key!r}]", row[key], 0.0)
+      if values[i, j] > 1:
+        raise ValueError(f"rows[{i}][{key!r}] must lie in [0, 1]; got {values[i, j]}.")
+  fig, ax = _figure(max(6.0, 0.8 * len(rows) + 2), 4.0)
+  x = np.arange(len(rows))
+  width = 0.8 / len(columns)
+  for j, key in enumerate(columns):
+    ax.bar(x + (j - (len(columns) - 1) / 2) * width, values[:, j], width,
+           label=key.replace("_", " "))
+  ax.set_xticks(x, [f"{r['strategy']}\n{r['aux_loss']}" for r in rows], fontsize="small")
+  ax.set_ylabel("fraction of features")
+  ax.set_ylim(0, 1)
+  ax.set_title("Dead and underutilised features")
+  ax.legend(fontsize="small")
+  return _save(fig, path)
