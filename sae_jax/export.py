@@ -156,8 +156,8 @@ def export_saelens(path: str | os.PathLike, params: SAEParams, cfg: model.SAECon
     if theta.shape not in ((), (cfg.d_sae,)) or np.any(np.isnan(theta)):
       raise ValueError(f"threshold must be a scalar or [d_sae={cfg.d_sae}] without NaN; got "
                        f"shape {theta.shape}.")
-    if np.all(theta < 0):
-      raise ValueError("threshold is uncalibrated (every entry < 0, the initial value of "
+    if not np.any(np.isfinite(theta)):
+      raise ValueError("threshold is uncalibrated (every entry +inf, the initial value of "
                        "TrainState.threshold); train for at least one step first.")
     tensors["threshold"] = np.broadcast_to(theta, (cfg.d_sae,))
   norm = as_normalization(normalization, cfg.d_model)

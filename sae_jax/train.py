@@ -96,8 +96,9 @@ class TrainConfig:
 class TrainState(NamedTuple):
   """Everything a step reads and writes; a pytree, so it jits, shards and checkpoints.
 
-  ``threshold`` ``[f]`` float32 holds the calibrated inference thresholds (negative until
-  the first batch): one global value repeated for TopK/MC, per feature for FC.
+  ``threshold`` ``[f]`` float32 holds the calibrated inference thresholds: one global
+  value repeated for TopK/MC, per feature for FC; +inf where nothing was kept yet, so a
+  feature that training never selected does not fire at inference either.
   """
 
   params: sae_params.SAEParams
@@ -133,7 +134,7 @@ def init_train_state(key: Array, cfg: model.SAEConfig, tcfg: TrainConfig,
     p = p._replace(b_dec=sae_params.geometric_median(sample).astype(cfg.param_dtype))
   return TrainState(params=p, opt_state=make_optimizer(tcfg).init(p),
                     usage=metrics.feature_usage_init(cfg.d_sae),
-                    threshold=jnp.full((cfg.d_sae,), -1.0, jnp.float32),
+                    threshold=jnp.full((cfg.d_sae,), jnp.inf, jnp.float32),
                     step=jnp.zeros((), jnp.int32))
 
 
@@ -144,7 +145,7 @@ def update_threshold(threshold: Float[Array, "f"], codes: Float[Array, "b f"],
   For TopK and Mutual Choice one global value (BatchTopK-style), for Feature Choice one
   value per feature (the smallest activation each feature kept). Runs in float32 even
   when codes are bfloat16. Entries with nothing kept this batch keep their value; the
-  first observation replaces the negative initial value outright.
+  first observation replaces the initial +inf outright.
 
   References:
     Bussmann, Leask & Nanda 2024, "BatchTopK Sparse Autoencoders", arXiv 2412.06410.
@@ -157,7 +158,8 @@ def update_threshold(threshold: Float[Array, "f"], codes: Float[Array, "b f"],
   else:
     batch_min = jnp.broadcast_to(positive.min(), threshold.shape)
   seen = jnp.isfinite(batch_min)
-  ema = jnp.where(threshold < 0, batch_min, decay * threshold + (1 - decay) * batch_min)
+  ema = jnp.where(jnp.isinf(threshold), batch_min,
+                  decay * threshold + (1 - decay) * batch_min)
   return jnp.where(seen, ema, threshold)
 
 

@@ -189,7 +189,7 @@ class ExportTest(parameterized.TestCase):
       ("threshold_shape", dict(allocation="feature_choice"), dict(threshold=np.zeros(3)),
        r"threshold must be a scalar or \[d_sae=16\].*\(3,\)"),
       ("threshold_nan", dict(allocation="batch_topk"), dict(threshold=np.nan), "without NaN"),
-      ("uncalibrated", dict(allocation="mutual_choice"), dict(threshold=np.full(F, -1.0)),
+      ("uncalibrated", dict(allocation="mutual_choice"), dict(threshold=np.full(F, np.inf)),
        "uncalibrated"),
       ("layer", {}, dict(layer=-1), "layer must be an int >= 0; got -1"),
       ("context_size", {}, dict(context_size=0), "context_size must be an int >= 1; got 0"),

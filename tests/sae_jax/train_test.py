@@ -74,7 +74,7 @@ class ThresholdCalibrationTest(parameterized.TestCase):
   def test_global_threshold_is_min_kept_code_then_ema(self):
     cfg = model.SAEConfig(d_model=4, d_sae=3, allocation="mutual_choice", k=1)
     codes1 = jnp.array([[0.0, 2.0, 0.5], [3.0, 0.0, 0.0]])
-    t1 = train.update_threshold(jnp.full((3,), -1.0), codes1, cfg, 0.9)
+    t1 = train.update_threshold(jnp.full((3,), jnp.inf), codes1, cfg, 0.9)
     np.testing.assert_allclose(t1, [0.5, 0.5, 0.5])  # first observation: the batch min
     codes2 = jnp.array([[1.5, 0.0, 0.0], [0.0, 0.0, 2.5]])
     t2 = train.update_threshold(t1, codes2, cfg, 0.9)
@@ -83,7 +83,7 @@ class ThresholdCalibrationTest(parameterized.TestCase):
   def test_per_feature_threshold_for_feature_choice(self):
     cfg = model.SAEConfig(d_model=4, d_sae=3, allocation="feature_choice", k=1)
     codes = jnp.array([[0.0, 2.0, 0.0], [3.0, 1.0, 0.0]], jnp.bfloat16)
-    t = train.update_threshold(jnp.array([-1.0, -1.0, 0.7]), codes, cfg, 0.5)
+    t = train.update_threshold(jnp.array([jnp.inf, jnp.inf, 0.7]), codes, cfg, 0.5)
     # Feature 2 kept nothing positive: its previous value stays.
     np.testing.assert_allclose(t, [3.0, 1.0, 0.7])
     self.assertEqual(t.dtype, jnp.float32)
