@@ -27,11 +27,13 @@ data:
 test: setup
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
-demo: setup
-	$(PY) -m experiments.sae_demo
+demo: setup data
+	$(PY) -m experiments.sae_allocation --preset cpu --out runs/sae_allocation_cpu
+	$(PY) -m experiments.prune_ap --preset cpu --out runs/prune_ap_cpu
 
 bench: setup
 	$(PY) -m benchmarks.allocation
+	$(PY) -m benchmarks.pruning
 
 clean:
 	rm -rf $(VENV) .pytest_cache
