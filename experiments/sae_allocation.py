@@ -41,6 +41,7 @@ from sae_jax import model
 from sae_jax import plots
 from sae_jax import train
 from sae_jax import trainer
+from sae_jax.data import batches as batches_lib
 from sae_jax.data import corpus
 from sae_jax.data import harvest
 from sae_jax.data import minilm
@@ -260,7 +261,7 @@ def main(argv=None) -> dict:
     if args.only and name not in args.only:
       continue
     t_run = time.perf_counter()
-    batches = ScaledBatches(store_lib.ShuffledBatches(reader, preset.batch_size, preset.seed),
+    batches = ScaledBatches(batches_lib.ShuffledBatches(reader, preset.batch_size, preset.seed),
                             scale)
     rcfg = trainer.RunConfig(steps=preset.steps, seed=preset.seed,
                              checkpoint_every=max(preset.steps // 4, 1), log_every=10,

@@ -3,7 +3,7 @@
 ``fit`` drives :func:`sae_jax.sharding.jit_sharded_step` over any batch source that
 follows the data protocol (``next(batches)`` -> ``[b, d]`` float32 host array,
 ``batches.state()`` -> JSON-able position, ``batches.restore(position)``), e.g.
-:class:`sae_jax.data.store.ShuffledBatches` or
+:class:`sae_jax.data.batches.ShuffledBatches` or
 :class:`sae_jax.data.synthetic.SyntheticBatches`.
 
 Nothing is lost on a crash: checkpoints (train state + data position + configs) are

@@ -13,6 +13,7 @@ import numpy as np
 from absl.testing import absltest
 from absl.testing import parameterized
 
+from sae_jax.data import batches as batches_lib
 from sae_jax.data import store
 
 
@@ -207,7 +208,7 @@ class ShuffledBatchesTest(StoreTestCase):
 
   @parameterized.parameters(5, 16, 1000)
   def test_each_epoch_covers_every_row_once(self, buffer_rows):
-    batches = store.ShuffledBatches(self._reader(48), 8, seed=0, buffer_rows=buffer_rows)
+    batches = batches_lib.ShuffledBatches(self._reader(48), 8, seed=0, buffer_rows=buffer_rows)
     ids = np.concatenate([next(batches)[:, 0] for _ in range(12)]).astype(int)
     first, second = ids[:48], ids[48:]
     self.assertEqual(sorted(first), list(range(48)))
@@ -216,15 +217,15 @@ class ShuffledBatchesTest(StoreTestCase):
     self.assertFalse(np.array_equal(first, np.arange(48)))
 
   def test_rows_carry_over_epochs_when_batch_does_not_divide_count(self):
-    batches = store.ShuffledBatches(self._reader(45), 8, seed=1, buffer_rows=16)
+    batches = batches_lib.ShuffledBatches(self._reader(45), 8, seed=1, buffer_rows=16)
     ids = np.concatenate([next(batches)[:, 0] for _ in range(12)]).astype(int)
     self.assertEqual(sorted(ids[:45]), list(range(45)))
     self.assertEqual(sorted(ids[45:90]), list(range(45)))
 
   def test_batches_are_exact_stored_rows_and_deterministic(self):
     reader = self._reader(45, dtype="float16")
-    a = [next(store.ShuffledBatches(reader, 8, seed=3, buffer_rows=16)) for _ in range(2)]
-    b = store.ShuffledBatches(reader, 8, seed=4, buffer_rows=16)
+    a = [next(batches_lib.ShuffledBatches(reader, 8, seed=3, buffer_rows=16)) for _ in range(2)]
+    b = batches_lib.ShuffledBatches(reader, 8, seed=4, buffer_rows=16)
     self.assertEqual(a[0].dtype, np.float32)
     np.testing.assert_array_equal(a[0], a[1])
     self.assertFalse(np.array_equal(a[0], next(b)))
@@ -233,12 +234,12 @@ class ShuffledBatchesTest(StoreTestCase):
   @parameterized.parameters(3, 5, 6, 11)  # 5: straddles epochs 0 and 1; 11: in epoch 1
   def test_restore_is_bitwise_equal(self, at):
     reader = self._reader(45)
-    run = store.ShuffledBatches(reader, 8, seed=2, buffer_rows=16)
+    run = batches_lib.ShuffledBatches(reader, 8, seed=2, buffer_rows=16)
     for _ in range(at):
       next(run)
     state = json.loads(json.dumps(run.state()))
     expected = [next(run) for _ in range(8)]
-    resumed = store.ShuffledBatches(reader, 8, seed=2, buffer_rows=16)
+    resumed = batches_lib.ShuffledBatches(reader, 8, seed=2, buffer_rows=16)
     resumed.restore(state)
     for want, got in zip(expected, [next(resumed) for _ in range(8)]):
       self.assertEqual(want.tobytes(), got.tobytes())
@@ -246,8 +247,8 @@ class ShuffledBatchesTest(StoreTestCase):
 
   def test_processes_split_each_global_batch_disjointly(self):
     reader = self._reader(48)
-    whole = store.ShuffledBatches(reader, 12, seed=5, buffer_rows=10)
-    parts = [store.ShuffledBatches(reader, 4, seed=5, buffer_rows=10, process_index=i,
+    whole = batches_lib.ShuffledBatches(reader, 12, seed=5, buffer_rows=10)
+    parts = [batches_lib.ShuffledBatches(reader, 4, seed=5, buffer_rows=10, process_index=i,
                                    process_count=3) for i in range(3)]
     seen = []
     for _ in range(4):  # one epoch
@@ -258,7 +259,7 @@ class ShuffledBatchesTest(StoreTestCase):
 
   def test_num_epochs_stops_and_bad_arguments_raise(self):
     reader = self._reader(45)
-    self.assertLen(list(store.ShuffledBatches(reader, 8, seed=0, num_epochs=2)), 11)
+    self.assertLen(list(batches_lib.ShuffledBatches(reader, 8, seed=0, num_epochs=2)), 11)
     for kwargs, pattern in (
         ({"batch_size": 0}, "batch_size must be >= 1; got 0"),
         ({"seed": -1}, "seed must be >= 0; got -1"),
@@ -268,8 +269,8 @@ class ShuffledBatchesTest(StoreTestCase):
          "process_index must be in \\[0, process_count=2\\); got 2"),
         ({"batch_size": 23, "process_count": 2}, "= 46 exceeds the store's 45 rows")):
       with self.assertRaisesRegex(ValueError, pattern):
-        store.ShuffledBatches(reader, **{"batch_size": 8, "seed": 0, **kwargs})
-    batches = store.ShuffledBatches(reader, 8, seed=0)
+        batches_lib.ShuffledBatches(reader, **{"batch_size": 8, "seed": 0, **kwargs})
+    batches = batches_lib.ShuffledBatches(reader, 8, seed=0)
     with self.assertRaisesRegex(ValueError, "state\\['seed'\\] = 1 but this iterator has seed=0"):
       batches.restore({**batches.state(), "seed": 1})
     with self.assertRaisesRegex(ValueError, "state\\['step'\\] must be an int >= 0; got -1"):
