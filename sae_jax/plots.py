@@ -36,7 +36,8 @@ def _figure(width: float = 6.0, height: float = 4.0):
 
 def _save(fig: Figure, path: pathlib.Path) -> pathlib.Path:
   fig.tight_layout()
-  fig.savefig(path, format="png", dpi=120)
+  # bbox "tight" keeps a legend placed outside the axes inside the image.
+  fig.savefig(path, format="png", dpi=120, bbox_inches="tight")
   return path
 
 
@@ -79,7 +80,7 @@ def plot_density_vs_rank(densities_by_run: Mapping[str, np.ndarray],
   if unknown:
     raise ValueError(f"fits has labels {unknown} that are not in densities_by_run "
                      f"{sorted(densities_by_run)}.")
-  fig, ax = _figure()
+  fig, ax = _figure(7.5, 4.5)
   for i, (label, densities) in enumerate(densities_by_run.items()):
     density_F = np.asarray(densities, np.float64)
     if density_F.ndim != 1 or not np.all(np.isfinite(density_F)) or np.any(density_F < 0):
@@ -92,7 +93,7 @@ def plot_density_vs_rank(densities_by_run: Mapping[str, np.ndarray],
                        "axes (every feature is dead).")
     ranks = np.arange(1, live + 1)
     color = f"C{i % 10}"
-    ax.loglog(ranks, sorted_F[:live], color=color, label=label)
+    line_label = label
     if label in fits:
       c, s = fits[label]
       c = _finite(f"fits[{label!r}] C", c, 0.0)
@@ -100,12 +101,15 @@ def plot_density_vs_rank(densities_by_run: Mapping[str, np.ndarray],
       if c == 0:
         raise ValueError(f"fits[{label!r}] C must be > 0 to draw on log axes; got 0.")
       full = np.arange(1, density_F.shape[0] + 1)
-      ax.loglog(full, c * full ** (-s), color=color, linestyle="--",
-                label=f"{label}: Zipf C={c:.3g}, s={s:.2f}")
+      # One legend entry per run: the dashed fit shares its colour and names its exponent.
+      ax.loglog(full, np.minimum(c * full ** (-s), 1.0), color=color, linestyle="--",
+                linewidth=0.8)
+      line_label = f"{label} (Zipf s={s:.2f})"
+    ax.loglog(ranks, sorted_F[:live], color=color, label=line_label)
   ax.set_xlabel("feature rank")
   ax.set_ylabel("firing density")
-  ax.set_title("Feature density by rank")
-  ax.legend(fontsize="small")
+  ax.set_title("Feature density by rank (dashed: fitted Zipf law, capped at 1)")
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   return _save(fig, path)
 
 
