@@ -1,0 +1,163 @@
+"""SAE training step vs the encoder matmul, timed in one run.
+
+Prints the median time of the encoder forward matmul ``[B, d] x [d, F]``, of the dense
+reference step (:func:`sae_jax.train.train_step`) and of the sparse step
+(:func:`sae_jax.fast_step.fast_train_step`) for TopK, Mutual Choice and Feature Choice,
+each as a ratio to the matmul of the same run, plus the peak memory of the sparse step
+against the bytes of parameters + Adam state + one batch.
+
+Peak memory is XLA's static buffer assignment of the compiled step
+(``compiled.memory_analysis()``): argument + output - aliased (donated state) + temp
+bytes, i.e. everything live at once during the step.
+
+Run:
+  python -m benchmarks.sae_step            # B=4096, d=768, F=32768, k=32, float32
+  python -m benchmarks.sae_step --quick    # small shapes, a smoke run
+
+Writes ``benchmarks/results/sae_step.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sae_jax import fast_step
+from sae_jax import model
+from sae_jax import train
+
+ALLOCATIONS = {"topk": "topk", "mc": "mutual_choice", "fc": "feature_choice"}
+
+
+def _nbytes(tree) -> int:
+  return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
+def median_time(fn, *args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))  # compile and warm up
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def median_step_time(step, state, x, repeats: int) -> tuple[float, train.TrainState]:
+  """Median of ``repeats`` steps after one warm-up; the state is threaded (donated)."""
+  state, _ = jax.block_until_ready(step(state, x))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    state, _ = jax.block_until_ready(step(state, x))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), state
+
+
+def peak_memory(step, state, x) -> dict:
+  stats = step.lower(state, x).compile().memory_analysis()
+  if stats is None:
+    return {"peak_bytes": None}
+  peak = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+          - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+  return {"peak_bytes": int(peak), "argument_bytes": int(stats.argument_size_in_bytes),
+          "output_bytes": int(stats.output_size_in_bytes),
+          "alias_bytes": int(stats.alias_size_in_bytes),
+          "temp_bytes": int(stats.temp_size_in_bytes)}
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--tokens", type=int, default=4096)
+  parser.add_argument("--d-model", type=int, default=768)
+  parser.add_argument("--features", type=int, default=32768)
+  parser.add_argument("--k", type=int, default=32)
+  parser.add_argument("--chunk-tokens", type=int, default=fast_step.DEFAULT_CHUNK_TOKENS)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--skip-dense", action="store_true",
+                      help="do not time the dense reference step")
+  parser.add_argument("--quick", action="store_true", help="small shapes for a smoke run")
+  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                    "sae_step.json"))
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.tokens, args.d_model, args.features, args.k, args.repeats = 256, 64, 1024, 8, 3
+    args.chunk_tokens = 64
+  b, d, f, k = args.tokens, args.d_model, args.features, args.k
+  print(f"B={b} d={d} F={f} k={k} chunk={args.chunk_tokens} devices={jax.devices()}",
+        flush=True)
+
+  kx, kw = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(kx, (b, d), jnp.float32)
+  w = jax.random.normal(kw, (d, f), jnp.float32) / np.sqrt(d)
+  seconds = {"matmul": median_time(jax.jit(jnp.matmul), x, w, repeats=args.repeats)}
+  print(f"{'matmul':<22} {seconds['matmul']:9.4f} s", flush=True)
+  del w
+  tcfg = train.TrainConfig(learning_rate=1e-4, warmup_steps=10, total_steps=1000)
+  memory, notes = {}, {}
+  for short, alloc in ALLOCATIONS.items():
+    cfg = model.SAEConfig(d_model=d, d_sae=f, allocation=alloc, k=k)
+    fast = jax.jit(lambda s, v, cfg=cfg: fast_step.fast_train_step(
+        s, v, cfg, tcfg, chunk_tokens=args.chunk_tokens), donate_argnums=(0,))
+    state = train.init_train_state(jax.random.key(1), cfg, tcfg)
+    if short == "topk":
+      memory = peak_memory(fast, state, x)
+      memory["state_bytes"] = _nbytes((state.params, state.opt_state)) + _nbytes(x)
+    seconds[f"{short}_fast"], state = median_step_time(fast, state, x, args.repeats)
+    del state
+    print(f"{alloc + ' fast':<22} {seconds[f'{short}_fast']:9.4f} s  "
+          f"{seconds[f'{short}_fast'] / seconds['matmul']:6.3f} x matmul", flush=True)
+    if not args.skip_dense:
+      dense = jax.jit(lambda s, v, cfg=cfg: train.train_step(s, v, cfg, tcfg),
+                      donate_argnums=(0,))
+      state = train.init_train_state(jax.random.key(1), cfg, tcfg)
+      seconds[f"{short}_dense"], state = median_step_time(dense, state, x, args.repeats)
+      del state
+      print(f"{alloc + ' dense':<22} {seconds[f'{short}_dense']:9.4f} s  "
+            f"{seconds[f'{short}_dense'] / seconds['matmul']:6.3f} x matmul", flush=True)
+  ratios = {name: t / seconds["matmul"] for name, t in seconds.items()}
+  mem_ratio = None
+  if memory.get("peak_bytes") is None:
+    notes["step_peak_mem_vs_state"] = "compiled.memory_analysis() returned no statistics"
+  else:
+    mem_ratio = memory["peak_bytes"] / memory["state_bytes"]
+    print(f"peak memory {memory['peak_bytes'] / 2**20:.1f} MiB = {mem_ratio:.3f} x "
+          f"(params + Adam state + batch = {memory['state_bytes'] / 2**20:.1f} MiB); "
+          f"temp {memory['temp_bytes'] / 2**20:.1f} MiB", flush=True)
+  result = {
+      "benchmark": "sae_step",
+      "shape": {"B": b, "d": d, "F": f, "k": k, "chunk_tokens": args.chunk_tokens,
+                "dtype": "float32"},
+      "topk_step_vs_matmul": ratios["topk_fast"],
+      "mc_step_vs_matmul": ratios["mc_fast"],
+      "fc_step_vs_matmul": ratios["fc_fast"],
+      "step_peak_mem_vs_state": mem_ratio,
+      "median_seconds": seconds,
+      "ratio_to_matmul": ratios,
+      "memory": memory,
+      "memory_method": "compiled.memory_analysis(): argument + output - alias + temp bytes "
+                       "of the jitted TopK fast step with the state donated",
+      "repeats": args.repeats,
+      "notes": notes,
+      "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                  "cpu_count": os.cpu_count(), "jax": jax.__version__,
+                  "backend": jax.default_backend(),
+                  "devices": [str(dv) for dv in jax.devices()]},
+  }
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as fh:
+    json.dump(result, fh, indent=2)
+  print(f"wrote {args.out}")
+  return result
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,391 @@
+"""A sparse SAE training step whose only dense work is the encoder matmul.
+
+:func:`fast_train_step` computes the same update as :func:`sae_jax.train.train_step`
+(same selection, same parameters up to float32 rounding) without ever holding a
+``[b, f]`` array other than one chunk of pre-activations:
+
+1. The encoder runs over chunks of ``chunk_tokens`` tokens. Each chunk's
+   pre-activations are reduced at once to the selection's candidates (the row top-k for
+   TopK, the per-row proposals of Mutual Choice, the per-column top tokens for Feature
+   Choice, and the auxiliary top-k), so peak memory holds one chunk, not the batch.
+2. The selection becomes a flat list of ``(token, feature, pre-activation)`` triples of
+   static length (``k * b`` for TopK and Mutual Choice, ``f * max capacity`` for Feature
+   Choice), using the order-preserving selection of :mod:`sae_jax.allocation`, so the
+   kept entries are exactly those of the dense path (ties included).
+3. Loss and gradients run through the kernels of :mod:`sae_jax.sparse`: decoding costs
+   ``n * d`` and the encoder gradient is a scatter of ``n`` rows.
+4. Decoder-gradient projection, Adam, decoder renormalisation and the usage/threshold
+   statistics are the reference's, the last two computed from the triples.
+
+The auxiliary losses (aux_k, aux_zipf) are sparse too: their per-token top-``k_aux``
+over candidate features is taken chunk by chunk and decoded with the same kernels.
+
+Supported: allocations "topk", "batch_topk"/"mutual_choice" and "feature_choice"
+(uniform capacities), float32 compute and parameters, one device (no mesh).
+
+References:
+  Gao et al. 2024, "Scaling and evaluating sparse autoencoders", arXiv 2406.04093;
+  Ayonrinde 2024, "Adaptive Sparse Allocation with Mutual Choice & Feature Choice Sparse
+  Autoencoders", arXiv 2411.02124.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jaxtyping import Array, Bool, Float, Int
+
+from sae_jax import allocation
+from sae_jax import losses
+from sae_jax import metrics
+from sae_jax import model
+from sae_jax import params as sae_params
+from sae_jax import sparse
+from sae_jax import train
+
+FAST_ALLOCATIONS = ("topk", "batch_topk", "mutual_choice", "feature_choice")
+DEFAULT_CHUNK_TOKENS = 512
+
+
+class Selection(NamedTuple):
+  """Selected entries as flat triples of static length ``n``.
+
+  Attributes:
+    rows: token of each entry ``[n]`` int32.
+    cols: feature of each entry ``[n]`` int32.
+    pre: pre-activation of each entry ``[n]`` (raw, before any ReLU).
+    valid: ``[n]`` bool; False marks padding (Feature Choice columns below the widest
+      capacity). Valid ``(rows, cols)`` pairs are distinct.
+  """
+
+  rows: Int[Array, "n"]
+  cols: Int[Array, "n"]
+  pre: Float[Array, "n"]
+  valid: Bool[Array, "n"]
+
+
+def check_fast_config(cfg: model.SAEConfig, batch_size: int, chunk_tokens: int) -> int:
+  """Validates what the fast step supports; returns the chunk size it will use.
+
+  The chunk is the largest divisor of ``batch_size`` not above ``chunk_tokens``.
+  """
+  if cfg.allocation not in FAST_ALLOCATIONS:
+    raise ValueError(f"cfg.allocation must be one of {FAST_ALLOCATIONS} for the fast step; "
+                     f"got {cfg.allocation!r}. Use train.train_step for the others.")
+  for name in ("dtype", "param_dtype"):
+    if getattr(cfg, name) != jnp.float32:
+      raise ValueError(f"cfg.{name} must be float32 for the fast step; got "
+                       f"{getattr(cfg, name)}. Use train.train_step for other dtypes.")
+  if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+    raise ValueError(f"chunk_tokens must be a static int >= 1; got {chunk_tokens!r}.")
+  return max(c for c in range(1, min(chunk_tokens, batch_size) + 1) if batch_size % c == 0)
+
+
+def _chunk_pre(centred_CxD, W_enc, b_enc):
+  return centred_CxD @ W_enc + b_enc
+
+
+def _scores(pre, cfg: model.SAEConfig):
+  return jax.nn.relu(pre) if cfg.select_on == "relu" else pre
+
+
+def _aux_scores(pre, candidates_F, weights_F):
+  scores = pre if weights_F is None else pre * weights_F[None, :]
+  return jnp.where(candidates_F[None, :], scores, -jnp.inf)
+
+
+def _flat_rows(b: int, k: int) -> Array:
+  return jnp.repeat(jnp.arange(b, dtype=jnp.int32), k)
+
+
+def _mutual_choice_exact(centred_NxCxD, W_enc, b_enc, n: int, cfg) -> Selection:
+  """Exact flat Mutual Choice by a threshold search over recomputed chunks.
+
+  Memory stays at one chunk; the cost is about 34 encoder passes, so it only runs when
+  the per-row candidates cannot be shown exact.
+  """
+  nc, bc, _ = centred_NxCxD.shape
+  f = W_enc.shape[1]
+
+  def chunk(c):
+    pre = _chunk_pre(centred_NxCxD[c], W_enc, b_enc)
+    return allocation._sortable_key(_scores(pre, cfg)), pre
+
+  def count(pred):
+    return lax.fori_loop(0, nc, lambda c, acc: acc + jnp.sum(pred(chunk(c)[0]),
+                                                              dtype=jnp.int32), jnp.int32(0))
+
+  t = allocation.bisect_uint32(lambda u: count(lambda key: key >= u), n)
+  need = n - count(lambda key: key > t)  # ties at t kept in row-major order
+
+  def body(c, carry):
+    ties_before, kept_before, rows, cols, pre_out = carry
+    keys, pre = chunk(c)
+    at = (keys == t).reshape(-1)
+    tie_rank = ties_before + jnp.cumsum(at, dtype=jnp.int32)
+    keep = (keys.reshape(-1) > t) | (at & (tie_rank <= need))
+    pos = jnp.nonzero(keep, size=n, fill_value=0)[0].astype(jnp.int32)
+    count_c = jnp.sum(keep, dtype=jnp.int32)
+    slot = jnp.where(jnp.arange(n) < count_c, kept_before + jnp.arange(n), n)
+    rows = rows.at[slot].set(c * bc + pos // f, mode="drop")
+    cols = cols.at[slot].set(pos % f, mode="drop")
+    pre_out = pre_out.at[slot].set(pre.reshape(-1)[pos], mode="drop")
+    return ties_before + jnp.sum(at, dtype=jnp.int32), kept_before + count_c, rows, cols, pre_out
+
+  init = (jnp.int32(0), jnp.int32(0), jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.int32),
+          jnp.zeros((n,), W_enc.dtype))
+  _, _, rows, cols, pre = lax.fori_loop(0, nc, body, init)
+  return Selection(rows, cols, pre, jnp.ones((n,), bool))
+
+
+def select(params: sae_params.SAEParams, x: Float[Array, "b d"], cfg: model.SAEConfig, *,
+           chunk_tokens: int = DEFAULT_CHUNK_TOKENS, aux_candidates: Bool[Array, "f"] | None = None,
+           aux_weights: Float[Array, "f"] | None = None, k_aux: int = 0
+           ) -> tuple[Selection, Selection | None]:
+  """The allocation's selection (and the auxiliary top-k) as triples, chunk by chunk.
+
+  The kept entries equal ``model.allocate(model.encode_pre(params, x, cfg), cfg)``
+  (ties to the lower column for TopK, row-major index for Mutual Choice, row for Feature
+  Choice). With ``aux_candidates`` it also returns each token's top-``k_aux`` entries of
+  ``where(aux_candidates, pre * aux_weights, -inf)``, ties to the lower column, as
+  ``lax.top_k`` over the full matrix would.
+
+  Args:
+    params: SAE parameters (no gradient flows through the selection).
+    x: inputs ``[b, d]``.
+    cfg: configuration with an allocation in ``FAST_ALLOCATIONS``.
+    chunk_tokens: static maximum number of tokens per encoder chunk.
+    aux_candidates: optional bool ``[f]`` candidate features of the auxiliary loss.
+    aux_weights: optional ``[f]`` weights of the auxiliary scores.
+    k_aux: static auxiliary top-k, in ``[1, f]`` when ``aux_candidates`` is given.
+
+  Returns:
+    ``(selection, aux_selection or None)``.
+
+  Raises:
+    ValueError: on an unsupported configuration, bad shapes or a bad ``k_aux``.
+  """
+  params = jax.lax.stop_gradient(params)
+  pre_shape_check = jax.eval_shape(lambda p, v: model.encode_pre(p, v, cfg), params, x)
+  b, f = pre_shape_check.shape
+  bc = check_fast_config(cfg, b, chunk_tokens)
+  nc = b // bc
+  use_aux = aux_candidates is not None
+  if use_aux and not (isinstance(k_aux, int) and 1 <= k_aux <= f):
+    raise ValueError(f"k_aux must be a static int in [1, {f}] with aux_candidates; got "
+                     f"{k_aux!r}.")
+  centred_NxCxD = (x.astype(jnp.float32) - params.b_dec).reshape(nc, bc, -1)
+  W_enc, b_enc = params.W_enc, params.b_enc
+  fc = cfg.allocation == "feature_choice"
+  n = allocation.mutual_choice_budget(b, cfg.k)
+  if cfg.allocation == "topk":
+    width = int(cfg.k)
+  elif fc:
+    capacity_F = model.feature_capacities(cfg, b)
+    width = min(int(capacity_F.max()), bc)
+  else:
+    width = min(f, allocation.DEFAULT_CANDIDATE_FACTOR * math.ceil(cfg.k))
+
+  def per_chunk(args):
+    c, centred_CxD = args
+    pre_CxF = _chunk_pre(centred_CxD, W_enc, b_enc)
+    scores_CxF = _scores(pre_CxF, cfg)
+    out = {}
+    if fc:
+      vals_FxW, local_FxW = lax.top_k(scores_CxF.T, width)
+      out["main"] = (vals_FxW, local_FxW + c * bc,
+                     jnp.take_along_axis(pre_CxF.T, local_FxW, axis=1))
+    else:
+      vals_CxW, cols_CxW = allocation._rows_topk(scores_CxF, width)
+      out["main"] = (vals_CxW, cols_CxW, jnp.take_along_axis(pre_CxF, cols_CxW, axis=1))
+    if use_aux:
+      _, aux_cols = allocation._rows_topk(_aux_scores(pre_CxF, aux_candidates, aux_weights),
+                                          k_aux)
+      out["aux"] = (aux_cols, jnp.take_along_axis(pre_CxF, aux_cols, axis=1))
+    return out
+
+  outs = lax.map(per_chunk, (jnp.arange(nc, dtype=jnp.int32), centred_NxCxD))
+  vals, idx, pre = outs["main"]
+  if cfg.allocation == "topk":
+    main = Selection(_flat_rows(b, width), idx.reshape(-1), pre.reshape(-1),
+                     jnp.ones((b * width,), bool))
+  elif fc:
+    m = int(capacity_F.max())
+    # Chunks in row order, each column's proposals by value then row: lax.top_k's
+    # lower-position tie rule then picks the lower row, as the dense path does.
+    cand_vals = jnp.moveaxis(vals, 0, 1).reshape(f, nc * width)
+    cand_rows = jnp.moveaxis(idx, 0, 1).reshape(f, nc * width)
+    cand_pre = jnp.moveaxis(pre, 0, 1).reshape(f, nc * width)
+    _, pos_FxM = lax.top_k(cand_vals, m)
+    rows_FxM = jnp.take_along_axis(cand_rows, pos_FxM, axis=1)
+    valid_FxM = np.arange(m)[None, :] < capacity_F[:, None]
+    main = Selection(rows_FxM.reshape(-1).astype(jnp.int32),
+                     jnp.repeat(jnp.arange(f, dtype=jnp.int32), m),
+                     jnp.take_along_axis(cand_pre, pos_FxM, axis=1).reshape(-1),
+                     jnp.asarray(valid_FxM.reshape(-1)))
+  else:
+    main = _mutual_choice_select(vals.reshape(b, width), idx.reshape(b, width),
+                                 pre.reshape(b, width), n, centred_NxCxD, W_enc, b_enc, cfg)
+  aux = None
+  if use_aux:
+    aux_cols, aux_pre = outs["aux"]
+    aux = Selection(_flat_rows(b, k_aux), aux_cols.reshape(-1), aux_pre.reshape(-1),
+                    jnp.ones((b * k_aux,), bool))
+  return main, aux
+
+
+def _mutual_choice_select(vals_BxC, cols_BxC, pre_BxC, n, centred_NxCxD, W_enc, b_enc,
+                          cfg) -> Selection:
+  b, cap = vals_BxC.shape
+  f = W_enc.shape[1]
+  exact = lambda: _mutual_choice_exact(centred_NxCxD, W_enc, b_enc, n, cfg)
+  if cap >= f or b * cap <= n:
+    return exact()
+  # Rows in order, each row's proposals by value then column: among equal values this
+  # is the row-major order, so the flat tie rule carries over.
+  keep = allocation._select_top_n_flat(vals_BxC.reshape(-1), n)
+  saturated = jnp.any(jnp.all(keep.reshape(b, cap), axis=1))
+  pos = jnp.nonzero(keep, size=n, fill_value=0)[0].astype(jnp.int32)
+  fast = Selection(pos // cap, cols_BxC.reshape(-1)[pos].astype(jnp.int32),
+                   pre_BxC.reshape(-1)[pos], jnp.ones((n,), bool))
+  return lax.cond(saturated, exact, lambda: fast)
+
+
+def _codes(sel: Selection, params: sae_params.SAEParams, x) -> Array:
+  pre_N = sparse.selected_pre(x, params.W_enc, params.b_enc, params.b_dec, sel.rows,
+                              sel.cols, sel.pre)
+  return jnp.where(sel.valid, jax.nn.relu(pre_N), jnp.zeros_like(pre_N))
+
+
+def _sparse_loss(p: sae_params.SAEParams, x, sel: Selection, aux_sel: Selection | None,
+                 aux_candidates, aux_weights, cfg: model.SAEConfig, tcfg: train.TrainConfig):
+  b = x.shape[0]
+  x32 = x.astype(jnp.float32)
+  codes_N = _codes(sel, p, x32)
+  recon_BxD = sparse.sparse_decode(codes_N, sel.rows, sel.cols, p.W_dec, b) + p.b_dec
+  nmse = metrics.normalized_mse(recon_BxD, x32)
+  loss = nmse
+  if cfg.l1_coefficient > 0:
+    # Same guard as losses.l1_penalty: no infinite sqrt derivative at an all-zero row.
+    sq_F = jnp.sum(jnp.square(p.W_dec), axis=1)
+    norms_F = jnp.where(sq_F > 0, jnp.sqrt(jnp.where(sq_F > 0, sq_F, 1.0)), 0.0)
+    loss = loss + cfg.l1_coefficient * jnp.sum(jnp.abs(codes_N) * norms_F[sel.cols]) / b
+  aux = jnp.zeros((), jnp.float32)
+  if aux_sel is not None:
+    pre_N = sparse.selected_pre(x32, p.W_enc, p.b_enc, p.b_dec, aux_sel.rows, aux_sel.cols,
+                                aux_sel.pre)
+    scores_N = pre_N if aux_weights is None else pre_N * aux_weights[aux_sel.cols]
+    aux_codes_N = jax.nn.relu(jnp.where(aux_candidates[aux_sel.cols], scores_N, -jnp.inf))
+    residual_BxD = x32 - jax.lax.stop_gradient(recon_BxD)
+    residual_hat_BxD = sparse.sparse_decode(aux_codes_N, aux_sel.rows, aux_sel.cols,
+                                            p.W_dec, b)
+    squared_error, variance_sum = metrics.reconstruction_error_terms(residual_hat_BxD,
+                                                                     residual_BxD)
+    active = jnp.any(aux_candidates) & (variance_sum > 0)
+    safe_variance = jnp.where(active, variance_sum, 1.0)
+    aux = jnp.where(active, squared_error / safe_variance, 0.0)
+  loss = loss + tcfg.aux_coefficient * aux
+  return loss, (codes_N, nmse, aux)
+
+
+def usage_update(state: metrics.FeatureUsageState, sel: Selection, codes: Float[Array, "n"],
+                 num_tokens: int, decay: float) -> metrics.FeatureUsageState:
+  """``metrics.feature_usage_update`` from the triples instead of a ``[b, f]`` code matrix."""
+  f = state.density_ema.shape[0]
+  fired_N = (codes > 0).astype(jnp.float32)
+  count_F = jnp.zeros((f,), jnp.float32).at[sel.cols].add(fired_N)
+  density_F = count_F / num_tokens
+  blended_F = decay * state.density_ema + (1.0 - decay) * density_F
+  density_ema = jnp.where(state.num_tokens == 0, density_F, blended_F)
+  tokens_since_fired = jnp.where(
+      count_F > 0, 0, metrics._saturating_add(state.tokens_since_fired, num_tokens))
+  return metrics.FeatureUsageState(
+      density_ema=density_ema.astype(jnp.float32),
+      tokens_since_fired=tokens_since_fired.astype(jnp.int32),
+      num_tokens=metrics._saturating_add(state.num_tokens, num_tokens).astype(jnp.int32))
+
+
+def threshold_update(threshold: Float[Array, "f"], sel: Selection, codes: Float[Array, "n"],
+                     cfg: model.SAEConfig, decay: float) -> Float[Array, "f"]:
+  """``train.update_threshold`` from the triples: EMA of the smallest kept positive code."""
+  positive_N = jnp.where(codes > 0, codes, jnp.inf)
+  if cfg.allocation == "feature_choice":
+    batch_min = jnp.full(threshold.shape, jnp.inf, jnp.float32).at[sel.cols].min(positive_N)
+  else:
+    batch_min = jnp.broadcast_to(positive_N.min(), threshold.shape)
+  seen = jnp.isfinite(batch_min)
+  ema = jnp.where(jnp.isinf(threshold), batch_min, decay * threshold + (1 - decay) * batch_min)
+  return jnp.where(seen, ema, threshold)
+
+
+def fast_train_step(state: train.TrainState, x: Float[Array, "b d"], cfg: model.SAEConfig,
+                    tcfg: train.TrainConfig, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+                    ) -> tuple[train.TrainState, dict[str, Array]]:
+  """One optimisation step equal to ``train.train_step`` without dense ``[b, f]`` work.
+
+  Jit with ``static_argnames=("cfg", "tcfg", "chunk_tokens")`` (or use
+  :data:`jit_fast_train_step`). Same state, same metrics as the reference step.
+
+  References:
+    Gao et al. 2024, "Scaling and evaluating sparse autoencoders", arXiv 2406.04093;
+    Ayonrinde 2024, arXiv 2411.02124.
+
+  Args:
+    state: training state of :func:`sae_jax.train.init_train_state`.
+    x: batch ``[b, d]``.
+    cfg: SAE configuration; allocation in ``FAST_ALLOCATIONS``, float32.
+    tcfg: optimisation settings.
+    chunk_tokens: static maximum tokens per encoder chunk (peak memory holds one
+      ``[chunk, f]`` block of pre-activations).
+
+  Returns:
+    ``(new_state, metrics)`` as :func:`sae_jax.train.train_step`.
+
+  Raises:
+    ValueError: on an unsupported configuration or bad shapes.
+  """
+  b = x.shape[0]
+  aux_candidates = aux_weights = None
+  k_aux = 0
+  if tcfg.aux_loss != "none":
+    k_aux = min(tcfg.k_aux or losses.default_k_aux(cfg.d_model), cfg.d_sae)
+    if tcfg.aux_loss == "aux_k":
+      aux_candidates = metrics.dead_features(state.usage, tcfg.dead_after_tokens)
+    else:
+      c, s = metrics.fit_zipf(state.usage.density_ema)
+      aux_candidates = metrics.underutilised_features(state.usage.density_ema, c, s,
+                                                      tcfg.zipf_tau)
+      if tcfg.zipf_weighted:
+        aux_weights = metrics.zipf_deficit(state.usage.density_ema, c, s)
+  sel, aux_sel = select(state.params, x, cfg, chunk_tokens=chunk_tokens,
+                        aux_candidates=aux_candidates, aux_weights=aux_weights, k_aux=k_aux)
+  (loss, (codes_N, nmse, aux)), grads = jax.value_and_grad(_sparse_loss, has_aux=True)(
+      state.params, x, sel, aux_sel, aux_candidates, aux_weights, cfg, tcfg)
+  grads = sae_params.project_decoder_grads(grads, state.params.W_dec)
+  updates, opt_state = train.make_optimizer(tcfg).update(grads, state.opt_state, state.params)
+  new_params = sae_params.normalize_decoder(optax.apply_updates(state.params, updates))
+  codes_N = jax.lax.stop_gradient(codes_N)
+  usage = usage_update(state.usage, sel, codes_N, b, tcfg.usage_decay)
+  threshold = threshold_update(state.threshold, sel, codes_N, cfg, tcfg.threshold_decay)
+  step_metrics = {
+      "loss": loss,
+      "nmse": nmse,
+      "aux_loss": aux,
+      "l0": jnp.sum(codes_N > 0, dtype=jnp.int32).astype(jnp.float32) / b,
+      "dead_fraction": metrics.dead_fraction(usage, tcfg.dead_after_tokens),
+      "learning_rate": train.learning_rate_schedule(tcfg)(state.step),
+      "grad_norm": optax.tree.norm(grads),
+      "batch_finite": jnp.all(jnp.isfinite(x)).astype(jnp.float32),
+  }
+  return (train.TrainState(new_params, opt_state, usage, threshold, state.step + 1),
+          step_metrics)
+
+
+jit_fast_train_step = jax.jit(fast_train_step, static_argnames=("cfg", "tcfg", "chunk_tokens"),
+                              donate_argnames=("state",))

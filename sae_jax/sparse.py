@@ -1,0 +1,229 @@
+"""Sparse SAE kernels over a flat list of selected ``(token, feature)`` entries.
+
+An allocation rule keeps a fixed number of entries of the ``[b, f]`` pre-activations,
+and only those carry signal forward and backward. Here a selection is a flat list of
+``n`` triples ``(rows[i], cols[i], value[i])`` of static length ``n`` (e.g. ``k * b``),
+and the two linear maps of the SAE are written over it with ``jax.custom_vjp``:
+
+* :func:`sparse_decode` computes ``codes @ W_dec`` for codes that are zero outside the
+  triples by gathering ``n`` decoder rows (``n * d`` multiply-adds instead of
+  ``b * f * d``); its backward scatters ``value * dresid`` into the selected decoder
+  rows.
+* :func:`selected_pre` returns the pre-activations at the triples; its backward is the
+  encoder gradient ``x^T dpre`` for a ``dpre`` with ``n`` non-zero entries, computed as a
+  scatter of ``n`` outer-product rows into the selected columns. No ``[b, f]`` gradient
+  is ever formed.
+
+Triples must be distinct. Padding entries (for selections of fewer than ``n`` entries)
+carry value 0 and any in-range indices: they add nothing forward, and their cotangent
+is zeroed by the caller's ``where`` before it reaches these kernels.
+
+References:
+  Gao et al. 2024, "Scaling and evaluating sparse autoencoders", arXiv 2406.04093
+  (sparse decoder kernels for TopK SAEs).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+
+def _check_triples(rows: Array, cols: Array, values: Array | None) -> None:
+  for name, arr in (("rows", rows), ("cols", cols)):
+    if arr.ndim != 1 or not jnp.issubdtype(arr.dtype, jnp.integer):
+      raise ValueError(f"{name} must be a 1-D integer array [n]; got {arr.dtype}"
+                       f"{list(arr.shape)}.")
+  if rows.shape != cols.shape:
+    raise ValueError(f"rows and cols must have the same shape [n]; got {list(rows.shape)} "
+                     f"and {list(cols.shape)}.")
+  if values is not None and values.shape != rows.shape:
+    raise ValueError(f"values must have shape {list(rows.shape)} like rows; got "
+                     f"{list(values.shape)}.")
+
+
+def _check_static_rows(num_rows) -> int:
+  if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 1:
+    raise ValueError(f"num_rows must be a static Python int >= 1 (the number of tokens); "
+                     f"got {num_rows!r}.")
+  return num_rows
+
+
+# Triples are processed in blocks of this many entries, so the gathered [block, d] rows
+# stay in cache and no [n, d] intermediate is ever materialised.
+BLOCK = 2048
+
+
+def _blocks(n_entries: int) -> tuple[int, int]:
+  block = min(BLOCK, n_entries)
+  return block, -(-n_entries // block)
+
+
+def _pad(arr_N, total: int):
+  return jnp.pad(arr_N, (0, total - arr_N.shape[0]))
+
+
+def _scatter_rows(out_MxD, idx_N, coef_N, src_SxD, src_idx_N):
+  """``out[idx[i]] += coef[i] * src[src_idx[i]]`` for every i, block by block."""
+  block, num = _blocks(idx_N.shape[0])
+  src_SxD = jnp.asarray(src_SxD)
+  # Padding entries have coefficient 0: they add exact zeros to row 0.
+  idx_N, src_idx_N = _pad(idx_N, block * num), _pad(src_idx_N, block * num)
+  coef_N = _pad(coef_N.astype(out_MxD.dtype), block * num)
+
+  def body(i, acc):
+    sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * block, block)
+    terms = sl(coef_N)[:, None] * src_SxD[sl(src_idx_N)]
+    return acc.at[sl(idx_N)].add(terms)
+
+  return jax.lax.fori_loop(0, num, body, out_MxD)
+
+
+def _gather_dot(a_MxD, a_idx_N, b_SxD, b_idx_N):
+  """``<a[a_idx[i]], b[b_idx[i]]>`` for every i, block by block."""
+  n = a_idx_N.shape[0]
+  block, num = _blocks(n)
+  a_MxD, b_SxD = jnp.asarray(a_MxD), jnp.asarray(b_SxD)
+  a_idx_N, b_idx_N = _pad(a_idx_N, block * num), _pad(b_idx_N, block * num)
+
+  def body(i, out):
+    sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * block, block)
+    dots = jnp.sum(a_MxD[sl(a_idx_N)] * b_SxD[sl(b_idx_N)], axis=-1)
+    return jax.lax.dynamic_update_slice_in_dim(out, dots.astype(out.dtype), i * block, 0)
+
+  out = jax.lax.fori_loop(0, num, body, jnp.zeros((block * num,), a_MxD.dtype))
+  return out[:n]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _decode(values_N, rows_N, cols_N, W_dec_FxD, num_rows):
+  return _decode_fwd(values_N, rows_N, cols_N, W_dec_FxD, num_rows)[0]
+
+
+def _decode_fwd(values_N, rows_N, cols_N, W_dec_FxD, num_rows):
+  d = W_dec_FxD.shape[1]
+  out_BxD = _scatter_rows(jnp.zeros((num_rows, d), W_dec_FxD.dtype), rows_N, values_N,
+                          W_dec_FxD, cols_N)
+  return out_BxD, (values_N, rows_N, cols_N, W_dec_FxD)
+
+
+def _decode_bwd(num_rows, res, dout_BxD):
+  values_N, rows_N, cols_N, W_dec_FxD = res
+  dvalues_N = _gather_dot(dout_BxD, rows_N, W_dec_FxD, cols_N)
+  # Several entries may share a decoder row (one per token): the scatter accumulates.
+  dW_FxD = _scatter_rows(jnp.zeros_like(W_dec_FxD), cols_N, values_N, dout_BxD, rows_N)
+  return dvalues_N.astype(values_N.dtype), None, None, dW_FxD
+
+
+_decode.defvjp(_decode_fwd, _decode_bwd)
+
+
+def sparse_decode(values: Float[Array, "n"], rows: Int[Array, "n"], cols: Int[Array, "n"],
+                  W_dec: Float[Array, "f d"], num_rows: int) -> Float[Array, "b d"]:
+  """``codes @ W_dec`` for codes given as distinct triples, without the bias.
+
+  ``out[b] = sum_{i: rows[i] = b} values[i] * W_dec[cols[i]]``: ``n * d`` multiply-adds.
+  Differentiable in ``values`` and ``W_dec`` (custom VJP, gather/scatter only).
+
+  References:
+    Gao et al. 2024, "Scaling and evaluating sparse autoencoders", arXiv 2406.04093.
+
+  Args:
+    values: code values ``[n]``.
+    rows: token index of each value ``[n]``, in ``[0, num_rows)``.
+    cols: feature index of each value ``[n]``, in ``[0, f)``; ``(rows, cols)`` distinct.
+    W_dec: decoder ``[f, d]``.
+    num_rows: static number of tokens ``b``.
+
+  Returns:
+    ``[b, d]`` in the dtype of ``W_dec``.
+
+  Raises:
+    ValueError: on mismatched shapes or a non-static ``num_rows``.
+  """
+  _check_triples(rows, cols, values)
+  num_rows = _check_static_rows(num_rows)
+  if W_dec.ndim != 2:
+    raise ValueError(f"W_dec must be [f, d]; got shape {list(W_dec.shape)}.")
+  return _decode(values.astype(W_dec.dtype), rows, cols, W_dec, num_rows)
+
+
+@jax.custom_vjp
+def _selected(pre_N, rows_N, cols_N, x_BxD, W_enc_DxF, b_enc_F, b_dec_D):
+  del rows_N, cols_N, x_BxD, W_enc_DxF, b_enc_F, b_dec_D
+  return pre_N
+
+
+def _selected_fwd(pre_N, rows_N, cols_N, x_BxD, W_enc_DxF, b_enc_F, b_dec_D):
+  return pre_N, (rows_N, cols_N, x_BxD, W_enc_DxF, b_dec_D)
+
+
+def _selected_bwd(res, dpre_N):
+  rows_N, cols_N, x_BxD, W_enc_DxF, b_dec_D = res
+  d, f = W_enc_DxF.shape
+  centred_BxD = (x_BxD - b_dec_D).astype(W_enc_DxF.dtype)
+  # Scatter rows of the transposed gradient: each update is a contiguous d-vector.
+  dW_FxD = _scatter_rows(jnp.zeros((f, d), W_enc_DxF.dtype), cols_N, dpre_N, centred_BxD,
+                         rows_N)
+  db_enc_F = jnp.zeros((f,), W_enc_DxF.dtype).at[cols_N].add(dpre_N)
+  # pre = (x - b_dec) W_enc + b_enc, so sum_b dpre[b] W_enc^T = W_enc db_enc.
+  enc_of_bias_D = W_enc_DxF @ db_enc_F
+  dx_BxD = _scatter_rows(jnp.zeros_like(x_BxD), rows_N, dpre_N, W_enc_DxF.T, cols_N)
+  return (jnp.zeros_like(dpre_N), None, None, dx_BxD, dW_FxD.T, db_enc_F,
+          -enc_of_bias_D.astype(b_dec_D.dtype))
+
+
+_selected.defvjp(_selected_fwd, _selected_bwd)
+
+
+def selected_pre(x: Float[Array, "b d"], W_enc: Float[Array, "d f"], b_enc: Float[Array, "f"],
+                 b_dec: Float[Array, "d"], rows: Int[Array, "n"], cols: Int[Array, "n"],
+                 values: Float[Array, "n"] | None = None) -> Float[Array, "n"]:
+  """Pre-activations ``((x - b_dec) @ W_enc + b_enc)[rows, cols]`` with a sparse gradient.
+
+  The backward pass is the encoder gradient for a cotangent that is non-zero only at the
+  triples: ``dW_enc[:, c] += dpre * (x[r] - b_dec)``, ``db_enc[c] += dpre``,
+  ``db_dec = -W_enc db_enc`` and ``dx[r] += dpre * W_enc[:, c]`` (``n * d`` each; an
+  unused ``dx`` is removed by the compiler).
+
+  Args:
+    x: inputs ``[b, d]``.
+    W_enc: encoder ``[d, f]``.
+    b_enc: encoder bias ``[f]``.
+    b_dec: decoder bias ``[d]``, subtracted from ``x`` before encoding.
+    rows: token index of each entry ``[n]``.
+    cols: feature index of each entry ``[n]``; ``(rows, cols)`` distinct.
+    values: the pre-activations at the triples when already computed (e.g. by the
+      chunked encoder that selected them); they must equal the formula above, and are
+      treated as constants. When None they are computed here by a gathered dot product.
+
+  Returns:
+    ``[n]`` pre-activations in the dtype of ``W_enc``.
+
+  Raises:
+    ValueError: on mismatched shapes.
+  """
+  _check_triples(rows, cols, values)
+  if x.ndim != 2 or W_enc.ndim != 2 or x.shape[1] != W_enc.shape[0]:
+    raise ValueError(f"x must be [b, d] and W_enc [d, f] with the same d; got "
+                     f"{list(x.shape)} and {list(W_enc.shape)}.")
+  if b_enc.shape != (W_enc.shape[1],) or b_dec.shape != (W_enc.shape[0],):
+    raise ValueError(f"b_enc must be [{W_enc.shape[1]}] and b_dec [{W_enc.shape[0]}]; got "
+                     f"{list(b_enc.shape)} and {list(b_dec.shape)}.")
+  if values is None:
+    centred_NxD = jax.lax.stop_gradient(x[rows] - b_dec)
+    values = (jnp.sum(centred_NxD * jax.lax.stop_gradient(W_enc).T[cols], axis=-1)
+              + jax.lax.stop_gradient(b_enc)[cols])
+  values = jax.lax.stop_gradient(values.astype(W_enc.dtype))
+  return _selected(values, rows, cols, x, W_enc, b_enc, b_dec)
+
+
+def selection_mask(rows: Int[Array, "n"], cols: Int[Array, "n"], valid: Array | None,
+                   shape: tuple[int, int]) -> Array:
+  """The boolean ``[b, f]`` mask of a selection (for checks; not used by the fast step)."""
+  _check_triples(rows, cols, None)
+  keep = True if valid is None else valid
+  return jnp.zeros(shape, bool).at[rows, cols].max(keep)

@@ -1,0 +1,198 @@
+"""The sparse training step against the dense reference step, on tiny shapes."""
+
+from functools import partial
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest
+from absl.testing import parameterized
+
+from sae_jax import fast_step
+from sae_jax import metrics
+from sae_jax import model
+from sae_jax import sparse
+from sae_jax import train
+
+B, D, F, K = 64, 16, 128, 4
+CHUNK = 16  # four encoder chunks per batch
+
+
+def _batches(n, seed=0, b=B):
+  rng = np.random.default_rng(seed)
+  return [jnp.asarray(rng.normal(size=(b, D)), jnp.float32) for _ in range(n)]
+
+
+def _configs(allocation, aux="none", weighted=False, k=K, **extra):
+  cfg = model.SAEConfig(d_model=D, d_sae=F, allocation=allocation, k=k, **extra)
+  tcfg = train.TrainConfig(learning_rate=3e-3, warmup_steps=1, total_steps=50, aux_loss=aux,
+                           zipf_weighted=weighted, dead_after_tokens=B)
+  return cfg, tcfg
+
+
+_REF = jax.jit(train.train_step, static_argnames=("cfg", "tcfg"))
+_FAST = jax.jit(fast_step.fast_train_step, static_argnames=("cfg", "tcfg", "chunk_tokens"))
+
+
+@partial(jax.jit, static_argnames="cfg")
+def _dense_mask(params, x, cfg):
+  return model.allocate(model.encode_pre(params, x, cfg), cfg)
+
+
+@partial(jax.jit, static_argnames="cfg")
+def _fast_mask(params, x, cfg):
+  sel, _ = fast_step.select(params, x, cfg, chunk_tokens=CHUNK)
+  return sparse.selection_mask(sel.rows, sel.cols, sel.valid, (x.shape[0], cfg.d_sae)), sel
+
+
+def _assert_same_selection(testcase, params, x, cfg):
+  dense_mask = _dense_mask(params, x, cfg)
+  fast_mask, sel = _fast_mask(params, x, cfg)
+  np.testing.assert_array_equal(np.asarray(fast_mask), np.asarray(dense_mask))
+  # Exact budgets: every valid triple is a distinct kept entry.
+  testcase.assertEqual(int(jnp.sum(sel.valid)), int(jnp.sum(dense_mask)))
+
+
+def _run_both(testcase, cfg, tcfg, xs, state=None):
+  state = state if state is not None else train.init_train_state(
+      jax.random.key(0), cfg, tcfg, xs[0])
+  ref = fast = state
+  history = []
+  for x in xs:
+    _assert_same_selection(testcase, fast.params, x, cfg)
+    ref, ref_metrics = _REF(ref, x, cfg=cfg, tcfg=tcfg)
+    fast, fast_metrics = _FAST(fast, x, cfg=cfg, tcfg=tcfg, chunk_tokens=CHUNK)
+    chex.assert_trees_all_close(fast_metrics, ref_metrics, rtol=1e-5, atol=1e-6)
+    history.append(fast_metrics)
+  chex.assert_trees_all_close(fast, ref, rtol=1e-5, atol=1e-6)
+  return ref, fast, history
+
+
+class FastStepMatchesReferenceTest(parameterized.TestCase):
+
+  # Without an auxiliary loss every rule is also covered by the tie and fallback tests.
+  @parameterized.parameters(
+      ("topk", "aux_k", False), ("mutual_choice", "aux_zipf", True),
+      ("feature_choice", "aux_k", False))
+  def test_same_params_and_selection_after_steps(self, allocation, aux, weighted):
+    cfg, tcfg = _configs(allocation, aux, weighted)
+    xs = _batches(2)
+    state = train.init_train_state(jax.random.key(0), cfg, tcfg, xs[0])
+    if aux == "aux_k":
+      # Dead from the start, so the auxiliary loss and its gradient are live.
+      state = state._replace(usage=state.usage._replace(
+          tokens_since_fired=jnp.where(jnp.arange(F) % 3 == 0, 10 * B, 0).astype(jnp.int32)))
+    _, fast, history = _run_both(self, cfg, tcfg, xs, state)
+    self.assertEqual(int(fast.step), 2)
+    # The auxiliary term (and its sparse gradient) was live, not a trivial zero.
+    self.assertGreater(float(history[0]["aux_loss"]), 0.0)
+
+  def test_raw_selection_and_l1_match(self):
+    cfg, tcfg = _configs("topk", select_on="raw", l1_coefficient=1e-2)
+    _run_both(self, cfg, tcfg, _batches(2, seed=3))
+
+  def test_ties_from_duplicated_features_and_tokens(self):
+    # Features come in identical pairs and tokens in identical pairs, so every score
+    # is tied with its twin column and twin row; the tie rules decide the selection.
+    for allocation in ("topk", "mutual_choice", "feature_choice"):
+      cfg, tcfg = _configs(allocation)
+      x_half = _batches(1, seed=5, b=B // 2)[0]
+      x = jnp.repeat(x_half, 2, axis=0)
+      state = train.init_train_state(jax.random.key(1), cfg, tcfg, x)
+      p = state.params
+      p = p._replace(W_enc=jnp.repeat(p.W_enc[:, ::2], 2, axis=1),
+                     W_dec=jnp.repeat(p.W_dec[::2], 2, axis=0))
+      state = state._replace(params=p)
+      pre = np.asarray(model.encode_pre(p, x, cfg))
+      self.assertTrue((pre[:, ::2] == pre[:, 1::2]).all())
+      self.assertTrue((pre[::2] == pre[1::2]).all())
+      _run_both(self, cfg, tcfg, [x], state)
+
+  @parameterized.parameters("topk", "mutual_choice", "feature_choice")
+  def test_all_scores_equal(self, allocation):
+    # x == b_dec and b_enc == 0: every pre-activation is exactly 0, one big tie.
+    cfg, _ = _configs(allocation)
+    params = train.init_train_state(jax.random.key(2), cfg, train.TrainConfig()).params
+    x = jnp.broadcast_to(params.b_dec, (B, D))
+    _assert_same_selection(self, params, x, cfg)
+
+  def test_mutual_choice_rows_beyond_candidates_fall_back_exactly(self):
+    cfg, tcfg = _configs("mutual_choice")
+    xs = _batches(1, seed=7)
+    # Token 5 is 100x larger: it alone claims far more than its 4k proposals.
+    xs = [x.at[5].multiply(100.0) for x in xs]
+    state = train.init_train_state(jax.random.key(0), cfg, tcfg, xs[0])
+    _, sel = _fast_mask(state.params, xs[0], cfg)
+    self.assertGreater(int(jnp.sum(sel.rows == 5)), 4 * K)
+    _run_both(self, cfg, tcfg, xs, state)
+
+  def test_mutual_choice_without_room_for_candidates(self):
+    # 4 * k >= f: only the exact chunked search applies.
+    cfg, tcfg = _configs("mutual_choice", k=40)
+    _run_both(self, cfg, tcfg, _batches(1, seed=8))
+
+
+class FastStepPropertiesTest(parameterized.TestCase):
+
+  def test_no_recompilation_across_steps(self):
+    cfg, tcfg = _configs("topk")
+    xs = _batches(3, seed=9)
+    state = train.init_train_state(jax.random.key(0), cfg, tcfg, xs[0])
+    step = jax.jit(chex.assert_max_traces(fast_step.fast_train_step, n=1),
+                   static_argnames=("cfg", "tcfg", "chunk_tokens"))
+    chex.clear_trace_counter()
+    for x in xs:  # the step counter and schedule value change; the trace does not
+      state, m = step(state, x, cfg=cfg, tcfg=tcfg, chunk_tokens=CHUNK)
+    self.assertEqual(int(state.step), 3)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(state.params.W_dec), axis=1), 1.0,
+                               atol=1e-5)
+    self.assertEqual(float(m["l0"]) <= K, True)
+
+  def test_chunk_size_does_not_change_the_step(self):
+    cfg, tcfg = _configs("topk")
+    x = _batches(1, seed=10)[0]
+    state = train.init_train_state(jax.random.key(0), cfg, tcfg, x)
+    a, _ = _FAST(state, x, cfg=cfg, tcfg=tcfg, chunk_tokens=B)
+    b, _ = _FAST(state, x, cfg=cfg, tcfg=tcfg, chunk_tokens=24)  # uses 16, a divisor
+    chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-7)
+    self.assertEqual(fast_step.check_fast_config(cfg, B, 24), 16)
+
+  def test_usage_and_threshold_from_triples(self):
+    # Tokens 0..2, features 0..3; the selection keeps (0,1)=2.0, (1,1)=0.5, (2,3)=0.0.
+    cfg = model.SAEConfig(d_model=2, d_sae=4, allocation="feature_choice", k=1)
+    sel = fast_step.Selection(jnp.array([0, 1, 2]), jnp.array([1, 1, 3]),
+                              jnp.array([2.0, 0.5, -1.0]), jnp.array([True, True, True]))
+    codes = jnp.array([2.0, 0.5, 0.0])
+    dense = jnp.zeros((3, 4)).at[sel.rows, sel.cols].set(codes)
+    usage0 = metrics.feature_usage_init(4)
+    got = fast_step.usage_update(usage0, sel, codes, 3, 0.9)
+    chex.assert_trees_all_close(got, metrics.feature_usage_update(usage0, dense, decay=0.9))
+    np.testing.assert_allclose(got.density_ema, [0.0, 2 / 3, 0.0, 0.0])  # 2 of 3 tokens
+    theta0 = jnp.array([jnp.inf, 1.0, jnp.inf, 0.3])
+    got_t = fast_step.threshold_update(theta0, sel, codes, cfg, 0.5)
+    np.testing.assert_allclose(got_t, train.update_threshold(theta0, dense, cfg, 0.5))
+    np.testing.assert_allclose(got_t, [jnp.inf, 0.75, jnp.inf, 0.3])  # 0.5*1 + 0.5*0.5
+
+  def test_bad_arguments(self):
+    x = _batches(1)[0]
+    for kwargs, pattern in (({"allocation": "relu"}, "allocation"),
+                            ({"allocation": "feature_choice_zipf"}, "allocation"),
+                            ({"dtype": jnp.bfloat16}, "dtype"),
+                            ({"param_dtype": jnp.bfloat16}, "param_dtype")):
+      cfg = model.SAEConfig(d_model=D, d_sae=F, k=K, **kwargs)
+      params = train.init_train_state(jax.random.key(0), cfg, train.TrainConfig()).params
+      with self.assertRaisesRegex(ValueError, pattern):
+        fast_step.select(params, x, cfg)
+    cfg, tcfg = _configs("topk")
+    state = train.init_train_state(jax.random.key(0), cfg, tcfg)
+    with self.assertRaisesRegex(ValueError, "chunk_tokens must be a static int >= 1; got 0"):
+      fast_step.fast_train_step(state, x, cfg, tcfg, chunk_tokens=0)
+    with self.assertRaisesRegex(ValueError, r"k_aux must be a static int in \[1, 128\]"):
+      fast_step.select(state.params, x, cfg, aux_candidates=jnp.ones((F,), bool), k_aux=0)
+    with self.assertRaisesRegex(ValueError, "x must have shape"):
+      fast_step.select(state.params, x[:, :3], cfg)
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,159 @@
+"""The sparse decoder and encoder-gradient kernels against their dense formulations."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest
+from absl.testing import parameterized
+from jax.test_util import check_grads
+
+from sae_jax import sparse
+
+B, D, F = 6, 5, 9
+
+
+def _triples(seed=0, per_row=3):
+  """Distinct (row, col) pairs, ``per_row`` per token, plus values and dense params."""
+  rng = np.random.default_rng(seed)
+  rows = np.repeat(np.arange(B), per_row)
+  cols = np.concatenate([rng.choice(F, per_row, replace=False) for _ in range(B)])
+  values = rng.normal(size=rows.shape)
+  arrays = [rng.normal(size=s) for s in ((B, D), (D, F), (F,), (F, D), (D,))]
+  return (jnp.asarray(rows, jnp.int32), jnp.asarray(cols, jnp.int32),
+          jnp.asarray(values, jnp.float32), *(jnp.asarray(a, jnp.float32) for a in arrays))
+
+
+def _dense_codes(values, rows, cols):
+  return jnp.zeros((B, F)).at[rows, cols].set(values)
+
+
+class SparseDecodeTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_equals_dense_decode(self):
+    rows, cols, values, _, _, _, W_dec, _ = _triples()
+    got = self.variant(lambda v, w: sparse.sparse_decode(v, rows, cols, w, B))(values, W_dec)
+    chex.assert_shape(got, (B, D))
+    chex.assert_trees_all_close(got, _dense_codes(values, rows, cols) @ W_dec,
+                                rtol=1e-5, atol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_golden(self):
+    # Hand-computed: token 0 = 2 * row 1 + (-1) * row 0 = [2, 4] - [1, 0] = [1, 4];
+    # token 1 = 0.5 * row 1 = [0.5, 1]; token 2 has no entry.
+    W_dec = jnp.array([[1.0, 0.0], [1.0, 2.0]])
+    out = self.variant(lambda v: sparse.sparse_decode(
+        v, jnp.array([0, 0, 1]), jnp.array([1, 0, 1]), W_dec, 3))(jnp.array([2.0, -1.0, 0.5]))
+    np.testing.assert_array_equal(out, [[1.0, 4.0], [0.5, 1.0], [0.0, 0.0]])
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_gradients_match_dense(self):
+    rows, cols, values, _, _, _, W_dec, _ = _triples(1)
+    target = jnp.asarray(np.random.default_rng(2).normal(size=(B, D)), jnp.float32)
+
+    def loss(decode):
+      return lambda v, w: jnp.sum(jnp.sin(decode(v, w) - target))
+
+    sparse_grads = self.variant(jax.grad(loss(
+        lambda v, w: sparse.sparse_decode(v, rows, cols, w, B)), argnums=(0, 1)))(values, W_dec)
+    dense_grads = jax.grad(loss(lambda v, w: _dense_codes(v, rows, cols) @ w),
+                           argnums=(0, 1))(values, W_dec)
+    chex.assert_trees_all_close(sparse_grads, dense_grads, rtol=1e-5, atol=1e-6)
+
+  def test_blocks_and_shared_rows(self):
+    # More triples than one block, and every entry hits decoder row 0 or 1, so the
+    # backward scatter must accumulate across blocks.
+    n = sparse.BLOCK + 37
+    rng = np.random.default_rng(3)
+    rows = jnp.asarray(np.arange(n) // 2, jnp.int32)
+    cols = jnp.asarray(np.arange(n) % 2, jnp.int32)
+    values = jnp.asarray(rng.normal(size=n), jnp.float32)
+    W_dec = jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)
+    b = int(rows[-1]) + 1
+    f = jax.jit(lambda v, w: jnp.sum(sparse.sparse_decode(v, rows, cols, w, b) ** 2))
+    dense = lambda v, w: jnp.sum((jnp.zeros((b, 2)).at[rows, cols].set(v) @ w) ** 2)
+    chex.assert_trees_all_close(jax.grad(f, (0, 1))(values, W_dec),
+                                jax.grad(dense, (0, 1))(values, W_dec), rtol=1e-4, atol=1e-5)
+
+  def test_check_grads(self):
+    rows, cols, values, _, _, _, W_dec, _ = _triples(4)
+    check_grads(lambda v, w: sparse.sparse_decode(v, rows, cols, w, B), (values, W_dec),
+                order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
+
+  def test_bad_arguments(self):
+    rows, cols, values, _, _, _, W_dec, _ = _triples()
+    with self.assertRaisesRegex(ValueError, "rows must be a 1-D integer array"):
+      sparse.sparse_decode(values, rows[:, None], cols, W_dec, B)
+    with self.assertRaisesRegex(ValueError, "cols must be a 1-D integer array"):
+      sparse.sparse_decode(values, rows, cols.astype(jnp.float32), W_dec, B)
+    with self.assertRaisesRegex(ValueError, "rows and cols must have the same shape"):
+      sparse.sparse_decode(values, rows, cols[:-1], W_dec, B)
+    with self.assertRaisesRegex(ValueError, r"values must have shape \[18\]"):
+      sparse.sparse_decode(values[:-1], rows, cols, W_dec, B)
+    with self.assertRaisesRegex(ValueError, r"num_rows must be a static Python int >= 1 \("):
+      sparse.sparse_decode(values, rows, cols, W_dec, 0)
+    with self.assertRaisesRegex(ValueError, "W_dec must be"):
+      sparse.sparse_decode(values, rows, cols, W_dec[0], B)
+
+
+class SelectedPreTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_values_equal_dense_gather(self):
+    rows, cols, _, x, W_enc, b_enc, _, b_dec = _triples()
+    got = self.variant(lambda *a: sparse.selected_pre(*a, rows, cols))(x, W_enc, b_enc, b_dec)
+    pre = (x - b_dec) @ W_enc + b_enc
+    chex.assert_trees_all_close(got, pre[rows, cols], rtol=1e-5, atol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_gradients_match_dense(self):
+    rows, cols, _, x, W_enc, b_enc, _, b_dec = _triples(5)
+    pre_given = ((x - b_dec) @ W_enc + b_enc)[rows, cols]
+
+    def sparse_loss(x, w, be, bd):
+      return jnp.sum(jnp.tanh(sparse.selected_pre(x, w, be, bd, rows, cols, pre_given)) ** 2)
+
+    def dense_loss(x, w, be, bd):
+      return jnp.sum(jnp.tanh(((x - bd) @ w + be)[rows, cols]) ** 2)
+
+    args = (x, W_enc, b_enc, b_dec)
+    got = self.variant(jax.grad(sparse_loss, argnums=(0, 1, 2, 3)))(*args)
+    want = jax.grad(dense_loss, argnums=(0, 1, 2, 3))(*args)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+
+  def test_encoder_gradient_only_in_selected_columns(self):
+    rows, cols, _, x, W_enc, b_enc, _, b_dec = _triples(6, per_row=1)
+    dW = jax.grad(lambda w: jnp.sum(sparse.selected_pre(x, w, b_enc, b_dec, rows, cols)))(W_enc)
+    unselected = np.setdiff1d(np.arange(F), np.asarray(cols))
+    self.assertGreater(len(unselected), 0)
+    np.testing.assert_array_equal(np.asarray(dW)[:, unselected], 0.0)
+    # Column c collects sum over its entries of (x[r] - b_dec): the gradient of a sum.
+    c = int(cols[0])
+    want = np.sum(np.asarray(x - b_dec)[np.asarray(rows)[np.asarray(cols) == c]], axis=0)
+    np.testing.assert_allclose(np.asarray(dW)[:, c], want, rtol=1e-5)
+
+  def test_check_grads(self):
+    rows, cols, _, x, W_enc, b_enc, _, b_dec = _triples(7)
+    check_grads(lambda *a: sparse.selected_pre(*a, rows, cols), (x, W_enc, b_enc, b_dec),
+                order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
+
+  def test_selection_mask(self):
+    mask = sparse.selection_mask(jnp.array([0, 1, 1]), jnp.array([2, 0, 1]),
+                                 jnp.array([True, True, False]), (2, 3))
+    np.testing.assert_array_equal(mask, [[False, False, True], [True, False, False]])
+
+  def test_bad_arguments(self):
+    rows, cols, _, x, W_enc, b_enc, _, b_dec = _triples()
+    with self.assertRaisesRegex(ValueError, "x must be"):
+      sparse.selected_pre(x[:, :2], W_enc, b_enc, b_dec, rows, cols)
+    with self.assertRaisesRegex(ValueError, "b_enc must be"):
+      sparse.selected_pre(x, W_enc, b_enc[:2], b_dec, rows, cols)
+    with self.assertRaisesRegex(ValueError, "b_enc must be"):
+      sparse.selected_pre(x, W_enc, b_enc, b_dec[:2], rows, cols)
+    with self.assertRaisesRegex(ValueError, r"values must have shape \[18\]"):
+      sparse.selected_pre(x, W_enc, b_enc, b_dec, rows, cols, jnp.zeros((3,)))
+
+
+if __name__ == "__main__":
+  absltest.main()
