@@ -7,6 +7,7 @@ References:
 """
 
 from pruning_jax import ap
+from pruning_jax import checkpoint
 from pruning_jax import datasets
 from pruning_jax import distributions
 from pruning_jax import dnr
@@ -15,8 +16,10 @@ from pruning_jax import masks
 from pruning_jax import models
 from pruning_jax import optim
 from pruning_jax import pipeline
+from pruning_jax import rounds
 from pruning_jax import schedules
 from pruning_jax import scoring
+from pruning_jax import train
 from pruning_jax.ap import CycleInfo
 from pruning_jax.ap import ap_prune
 from pruning_jax.ap import ap_scores
@@ -47,6 +50,8 @@ from pruning_jax.masks import sparsity
 from pruning_jax.optim import MaskedState
 from pruning_jax.optim import masked_optimizer
 from pruning_jax.optim import prune_params_and_state
+from pruning_jax.rounds import RoundsConfig
+from pruning_jax.rounds import run_rounds
 from pruning_jax.schedules import imp_sparsity
 from pruning_jax.schedules import zhu_gupta
 from pruning_jax.scoring import compute_scores
