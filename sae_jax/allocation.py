@@ -82,33 +82,16 @@ def _rows_mask(shape: tuple[int, int], rows: Int[Array, "n"], cols: Int[Array, "
       values, unique_indices=True, indices_are_sorted=False)
 
 
-# Row-wise top-k first ranks groups of this many adjacent columns by their maximum, then
-# runs the top-k only inside the k best groups (see _rows_topk).
-_GROUP_SIZES = (32, 16)
-
-
 def _rows_topk(scores: Float[Array, "b f"], k: int) -> tuple[Array, Int[Array, "b k"]]:
-  """Exactly ``lax.top_k(scores, k)`` (values and columns, ties to the lower column).
+  """Per-row top-k values and columns, ties to the lower column.
 
-  A row's k best entries lie in its k best column groups ranked by (group maximum, then
-  group index): if an entry's group is not among them, k other groups each hold an entry
-  that precedes it in (value, column) order, so the entry is not in the top k. Group
-  maxima are taken over the order-preserving integer keys, so the ranking follows the
-  same total order as ``lax.top_k`` (signed zeros included). One cheap reduction over
-  the row replaces most of ``lax.top_k``'s work; the final top-k runs over ``k * g``
-  candidates laid out in column order.
+  A single place for the row selection that TopK, the Mutual Choice candidate stage and
+  the sparse step share. A grouped variant (rank column groups by their maximum key, then
+  select inside the k best groups) is exact, but TopK built on it took 0.67 s against
+  0.24 s for plain ``lax.top_k`` on an idle 2-core CPU at B=4096, F=32768, k=32
+  (``benchmarks/allocation.py``), so plain ``lax.top_k`` it is.
   """
-  b, f = scores.shape
-  g = next((g for g in _GROUP_SIZES if f % g == 0 and f // g >= 4 * k), None)
-  if g is None:
-    return lax.top_k(scores, k)
-  group_max_BxG = _sortable_key(scores).reshape(b, f // g, g).max(axis=-1)
-  _, grp_BxK = lax.top_k(group_max_BxG, k)
-  grp_BxK = jnp.sort(grp_BxK, axis=-1)  # candidates in column order: ties -> lower column
-  cand = jnp.take_along_axis(scores.reshape(b, f // g, g), grp_BxK[:, :, None], axis=1)
-  vals_BxK, pos_BxK = lax.top_k(cand.reshape(b, k * g), k)
-  cols_BxK = jnp.take_along_axis(grp_BxK, pos_BxK // g, axis=1) * g + pos_BxK % g
-  return vals_BxK, cols_BxK
+  return lax.top_k(scores, k)
 
 
 def topk(scores: Float[Array, "b f"], k: int) -> Bool[Array, "b f"]:
