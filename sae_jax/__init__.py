@@ -8,10 +8,18 @@ References:
 """
 
 from sae_jax import allocation
+from sae_jax import checkpoint
+from sae_jax import distributed
+from sae_jax import evaluate
+from sae_jax import export
 from sae_jax import losses
 from sae_jax import metrics
 from sae_jax import model
 from sae_jax import params
+from sae_jax import sharded_allocation
+from sae_jax import sharding
+from sae_jax import train
+from sae_jax import trainer
 from sae_jax.allocation import batch_topk
 from sae_jax.allocation import feature_choice
 from sae_jax.allocation import feature_choice_ranked
@@ -43,6 +51,7 @@ from sae_jax.model import SAEConfig
 from sae_jax.model import SAEOutput
 from sae_jax.model import decode
 from sae_jax.model import encode
+from sae_jax.model import encode_thresholded
 from sae_jax.model import encode_pre
 from sae_jax.model import forward
 from sae_jax.params import SAEParams
