@@ -32,8 +32,7 @@ demo: setup data
 	$(PY) -m experiments.prune_ap --preset cpu --out runs/prune_ap_cpu
 
 bench: setup
-	$(PY) -m benchmarks.allocation
-	$(PY) -m benchmarks.pruning
+	$(PY) -m benchmarks.bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,91 @@
+"""Runs every benchmark and collects the headline ratios into one ``bench.json``.
+
+Run:
+  python -m benchmarks.bench                  # run all benchmarks, then collect (make bench)
+  python -m benchmarks.bench --collect-only   # only re-collect the existing result files
+
+Each figure is a ratio measured inside one run of its own script (medians), read from
+``benchmarks/results/<script>.json``. A figure that could not be measured is null, with
+the reason under ``notes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pathlib
+import platform
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+RUNS = (  # (module, arguments)
+    ("allocation", ["--features", "32768"]),
+    ("pruning", []),
+    ("sae_step", ["--skip-dense"]),
+    ("resnet_torch", []),
+)
+
+
+def _load(name: str, notes: dict) -> dict:
+  path = RESULTS / f"{name}.json"
+  if not path.exists():
+    notes[name] = f"{path.name} missing: run python -m benchmarks.{name}"
+    return {}
+  return json.loads(path.read_text())
+
+
+def collect() -> dict:
+  notes: dict[str, str] = {}
+  alloc, prune = _load("allocation", notes), _load("pruning", notes)
+  step, torch = _load("sae_step", notes), _load("resnet_torch", notes)
+  row = next((r for r in alloc.get("rows", []) if r.get("F") == 32768), None)
+  ratios = (row or {}).get("ratio_to_lax_top_k_rows", {})
+  if row is None and alloc:
+    notes["allocation"] = "no F=32768 row in allocation.json"
+  if torch and torch.get("resnet20_jax_vs_torch") is None:
+    notes["resnet_torch"] = torch.get("torch_unavailable_reason") or "not measured"
+  if step.get("notes"):
+    notes["sae_step"] = step["notes"]
+  dnr = prune.get("dnr_overhead")
+  return {
+      "mc_vs_topk": ratios.get("mutual_choice"),
+      "fc_vs_topk": ratios.get("feature_choice_uniform"),
+      "topk_step_vs_matmul": step.get("topk_step_vs_matmul"),
+      "mc_step_vs_matmul": step.get("mc_step_vs_matmul"),
+      "fc_step_vs_matmul": step.get("fc_step_vs_matmul"),
+      "step_peak_mem_vs_state": step.get("step_peak_mem_vs_state"),
+      "resnet20_jax_vs_torch": torch.get("resnet20_jax_vs_torch"),
+      # The larger model's figure is the one a training step pays (LeNet steps are ~1 ms).
+      "dnr_overhead": dnr.get("resnet20") if isinstance(dnr, dict) else dnr,
+      "ap_overhead": prune.get("ap_overhead"),
+      "definitions": {
+          "mc_vs_topk": "exact mutual_choice time / per-row lax.top_k(k=32) time, B=4096, "
+                        "F=32768 (allocation.json)",
+          "fc_vs_topk": "exact uniform feature_choice time / per-row lax.top_k time",
+          "*_step_vs_matmul": "sparse fast_step time / encoder forward matmul (sae_step.json)",
+          "dnr_overhead": "ResNet-20 train step with DNR / without, minus 1 (pruning.json)",
+          "ap_overhead": "AP selection / one reference training cycle (pruning.json)",
+      },
+      "notes": notes,
+      "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+  }
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--collect-only", action="store_true")
+  args = parser.parse_args(argv)
+  if not args.collect_only:
+    for module, module_args in RUNS:
+      print(f"== benchmarks.{module} {' '.join(module_args)}", flush=True)
+      importlib.import_module(f"benchmarks.{module}").main(module_args)
+  result = collect()
+  RESULTS.mkdir(parents=True, exist_ok=True)
+  (RESULTS / "bench.json").write_text(json.dumps(result, indent=2))
+  print(json.dumps({k: v for k, v in result.items() if k != "definitions"}, indent=2))
+  return result
+
+
+if __name__ == "__main__":
+  main()
