@@ -164,7 +164,8 @@ def harvest_store(args, preset: Preset, bert_params, bert_cfg, tokenizer, specs)
   """The cached activation store of the preset (harvested on first use, resumable)."""
   if args.store:
     return store_lib.StoreReader(args.store)
-  path = pathlib.Path(args.cache) / f"minilm_l{preset.layer}_w{preset.window}_{preset.harvest_tokens}"
+  name = f"minilm_l{preset.layer}_w{preset.window}_{preset.harvest_tokens}"
+  path = pathlib.Path(args.cache) / name
   layer = preset.layer
 
   @jax.jit

@@ -41,7 +41,8 @@ def run(allocation: str, aux: str, args) -> dict:
                            total_steps=args.steps, aux_loss=aux,
                            dead_after_tokens=args.batch * 20)
   data_key = jax.random.key(args.seed + 1)
-  sample = synthetic.sample_batch(jax.random.fold_in(jax.random.key(args.seed + 3), 0), dirs, probs, 2048,
+  init_key = jax.random.fold_in(jax.random.key(args.seed + 3), 0)
+  sample = synthetic.sample_batch(init_key, dirs, probs, 2048,
                                   scfg.noise_std)
   state = train.init_train_state(jax.random.key(args.seed + 2), cfg, tcfg, sample)
   history = []

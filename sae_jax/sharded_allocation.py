@@ -150,7 +150,9 @@ def mutual_choice_sharded(scores: Float[Array, "b f"], k: float, mesh: Mesh, *,
     raise ValueError(f"scores has {b * f} entries; the sharded Mutual Choice indexes them "
                      "with 32 bits. Use a smaller batch per step.")
   b_loc, f_loc = b // n_data, f // n_model
-  cap = max_per_row if max_per_row is not None else allocation.DEFAULT_CANDIDATE_FACTOR * math.ceil(k)
+  cap = max_per_row
+  if cap is None:
+    cap = allocation.DEFAULT_CANDIDATE_FACTOR * math.ceil(k)
   cap = int(min(cap, f_loc))
   axes = (DATA, MODEL)
 

@@ -74,7 +74,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def init_sharded_state(key, cfg: model.SAEConfig, tcfg: train.TrainConfig, mesh: Mesh,
                        sample=None) -> train.TrainState:
   """Initialises the train state directly in its sharded layout."""
-  n_data, n_model = mesh.shape[DATA], mesh.shape[MODEL]
+  n_model = mesh.shape[MODEL]
   if cfg.d_sae % n_model:
     raise ValueError(f"d_sae={cfg.d_sae} must be divisible by the model axis size {n_model}.")
   init = functools.partial(train.init_train_state, cfg=cfg, tcfg=tcfg)
