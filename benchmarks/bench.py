@@ -50,7 +50,8 @@ def collect() -> dict:
   dnr = prune.get("dnr_overhead")
   return {
       "mc_vs_topk": ratios.get("mutual_choice"),
-      "fc_vs_topk": ratios.get("feature_choice_uniform"),
+      "fc_vs_topk": ratios.get("feature_choice_uniform_fb"),
+      "fc_token_major_vs_topk": ratios.get("feature_choice_uniform"),
       "topk_step_vs_matmul": step.get("topk_step_vs_matmul"),
       "mc_step_vs_matmul": step.get("mc_step_vs_matmul"),
       "fc_step_vs_matmul": step.get("fc_step_vs_matmul"),
@@ -62,7 +63,11 @@ def collect() -> dict:
       "definitions": {
           "mc_vs_topk": "exact mutual_choice time / per-row lax.top_k(k=32) time, B=4096, "
                         "F=32768 (allocation.json)",
-          "fc_vs_topk": "exact uniform feature_choice time / per-row lax.top_k time",
+          "fc_vs_topk": "exact uniform feature_choice_fb on the encoder's feature-major [F, B] "
+                        "scores / per-row lax.top_k time (the [F, B] matmul costs no more "
+                        "than the [B, F] one: allocation.json ratio_to_matmul.matmul_fb)",
+          "fc_token_major_vs_topk": "the same from token-major [B, F] scores, transpose "
+                                    "included",
           "*_step_vs_matmul": "sparse fast_step time / encoder forward matmul (sae_step.json)",
           "dnr_overhead": "ResNet-20 train step with DNR / without, minus 1 (pruning.json)",
           "ap_overhead": "AP selection / one reference training cycle (pruning.json)",

@@ -42,6 +42,7 @@ from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
 from sae_jax import allocation
+from sae_jax import fast_select
 from sae_jax import losses
 from sae_jax import metrics
 from sae_jax import model
@@ -115,13 +116,13 @@ def _mutual_choice_exact(centred_NxCxD, W_enc, b_enc, n: int, cfg) -> Selection:
 
   def chunk(c):
     pre = _chunk_pre(centred_NxCxD[c], W_enc, b_enc)
-    return allocation._sortable_key(_scores(pre, cfg)), pre
+    return fast_select.sortable_key(_scores(pre, cfg)), pre
 
   def count(pred):
     return lax.fori_loop(0, nc, lambda c, acc: acc + jnp.sum(pred(chunk(c)[0]),
                                                               dtype=jnp.int32), jnp.int32(0))
 
-  t = allocation.bisect_uint32(lambda u: count(lambda key: key >= u), n)
+  t = fast_select.bisect_uint32(lambda u: count(lambda key: key >= u), n)
   need = n - count(lambda key: key > t)  # ties at t kept in row-major order
 
   def body(c, carry):
@@ -202,10 +203,10 @@ def select(params: sae_params.SAEParams, x: Float[Array, "b d"], cfg: model.SAEC
       out["main"] = (vals_FxW, local_FxW + c * bc,
                      jnp.take_along_axis(pre_CxF.T, local_FxW, axis=1))
     else:
-      vals_CxW, cols_CxW = allocation._rows_topk(scores_CxF, width)
+      vals_CxW, cols_CxW = fast_select.rows_topk(scores_CxF, width)
       out["main"] = (vals_CxW, cols_CxW, jnp.take_along_axis(pre_CxF, cols_CxW, axis=1))
     if use_aux:
-      _, aux_cols = allocation._rows_topk(_aux_scores(pre_CxF, aux_candidates, aux_weights),
+      _, aux_cols = fast_select.rows_topk(_aux_scores(pre_CxF, aux_candidates, aux_weights),
                                           k_aux)
       out["aux"] = (aux_cols, jnp.take_along_axis(pre_CxF, aux_cols, axis=1))
     return out
@@ -249,7 +250,7 @@ def _mutual_choice_select(vals_BxC, cols_BxC, pre_BxC, n, centred_NxCxD, W_enc, 
     return exact()
   # Rows in order, each row's proposals by value then column: among equal values this
   # is the row-major order, so the flat tie rule carries over.
-  keep = allocation._select_top_n_flat(vals_BxC.reshape(-1), n)
+  keep = fast_select.select_top_n_flat(vals_BxC.reshape(-1), n)
   saturated = jnp.any(jnp.all(keep.reshape(b, cap), axis=1))
   pos = jnp.nonzero(keep, size=n, fill_value=0)[0].astype(jnp.int32)
   fast = Selection(pos // cap, cols_BxC.reshape(-1)[pos].astype(jnp.int32),

@@ -33,6 +33,9 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
 from sae_jax import allocation
+from sae_jax import fast_select
+from sae_jax import feature_choice
+from sae_jax import validation
 
 DATA = "data"
 MODEL = "model"
@@ -48,7 +51,7 @@ def _axis_sizes(mesh: Mesh) -> tuple[int, int]:
 
 
 def _check_divisible(scores, mesh: Mesh) -> tuple[int, int]:
-  allocation._check_scores(scores)
+  validation.check_scores(scores)
   n_data, n_model = _axis_sizes(mesh)
   b, f = scores.shape
   if b % n_data or f % n_model:
@@ -67,7 +70,7 @@ def topk_sharded(scores: Float[Array, "b f"], k: int, mesh: Mesh) -> Bool[Array,
   """:func:`sae_jax.allocation.topk` over scores sharded ``P("data", "model")``."""
   n_data, n_model = _check_divisible(scores, mesh)
   b, f = scores.shape
-  k = allocation._static_number(k, "k")
+  k = validation.static_number(k, "k")
   if k != int(k) or not 1 <= k <= f:
     raise ValueError(f"k must be an integer in [1, {f}] (the number of features); got {k}.")
   k = int(k)
@@ -95,7 +98,7 @@ def feature_choice_sharded(scores: Float[Array, "b f"], capacity: int | Int[Arra
   """:func:`sae_jax.allocation.feature_choice` over scores sharded ``P("data", "model")``."""
   n_data, n_model = _check_divisible(scores, mesh)
   b, f = scores.shape
-  cap, m = allocation._capacity_array(capacity, b, f, max_capacity)
+  cap, m = feature_choice._capacity_array(capacity, b, f, max_capacity)
   if m == 0:
     return jnp.zeros((b, f), bool)
   cap_arr = jnp.full((f,), m, jnp.int32) if isinstance(cap, int) else jnp.asarray(cap, jnp.int32)
@@ -139,7 +142,7 @@ def mutual_choice_sharded(scores: Float[Array, "b f"], k: float, mesh: Mesh, *,
   """:func:`sae_jax.allocation.mutual_choice` over scores sharded ``P("data", "model")``."""
   n_data, n_model = _check_divisible(scores, mesh)
   b, f = scores.shape
-  k = allocation._static_number(k, "k")
+  k = validation.static_number(k, "k")
   if not 0 < k <= f:
     raise ValueError(f"k must be in (0, {f}] (mean features per token, at most the number of "
                      f"features); got {k}.")
@@ -162,7 +165,7 @@ def mutual_choice_sharded(scores: Float[Array, "b f"], k: float, mesh: Mesh, *,
     rows_loc = jnp.arange(b_loc, dtype=jnp.uint32)[:, None]
 
     def select(vals, cols_loc):
-      keys = allocation._sortable_key(vals)
+      keys = fast_select.sortable_key(vals)
       flat = (row0 + rows_loc) * jnp.uint32(f) + col0 + cols_loc.astype(jnp.uint32)
       return _global_select(keys, flat, n, axes)
 
