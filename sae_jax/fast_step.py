@@ -195,13 +195,13 @@ def select(params: sae_params.SAEParams, x: Float[Array, "b d"], cfg: model.SAEC
 
   def per_chunk(args):
     c, centred_CxD = args
+    out = {}
     pre_CxF = _chunk_pre(centred_CxD, W_enc, b_enc)
     scores_CxF = _scores(pre_CxF, cfg)
-    out = {}
-    if fc:
-      vals_FxW, local_FxW = lax.top_k(scores_CxF.T, width)
-      out["main"] = (vals_FxW, local_FxW + c * bc,
-                     jnp.take_along_axis(pre_CxF.T, local_FxW, axis=1))
+    if fc:  # per-feature top tokens: a column top-k, run without transposing the chunk
+      vals_FxW, local_FxW = fast_select.cols_topk(scores_CxF, width)
+      feats_FxW = jnp.arange(f, dtype=local_FxW.dtype)[:, None]
+      out["main"] = (vals_FxW, local_FxW + c * bc, pre_CxF[local_FxW, feats_FxW])
     else:
       vals_CxW, cols_CxW = fast_select.rows_topk(scores_CxF, width)
       out["main"] = (vals_CxW, cols_CxW, jnp.take_along_axis(pre_CxF, cols_CxW, axis=1))
