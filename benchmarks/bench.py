@@ -17,6 +17,9 @@ import json
 import os
 import pathlib
 import platform
+import subprocess
+import sys
+import time
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 RUNS = (  # (module, arguments)
@@ -25,6 +28,12 @@ RUNS = (  # (module, arguments)
     ("sae_step", ["--skip-dense"]),
     ("resnet_torch", []),
 )
+# The SAE step once more in a fresh process with glibc's transparent-huge-page malloc:
+# XLA:CPU allocates its temporaries per call, and at these sizes first-touch page faults
+# cost the matmul and the step tens of milliseconds per 100 MiB buffer.
+THP_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+THP_RUN = ("sae_step", ["--skip-dense", "--out", str(pathlib.Path(__file__).resolve().parent
+                                                      / "results" / "sae_step_thp.json")])
 
 
 def _load(name: str, notes: dict) -> dict:
@@ -39,6 +48,7 @@ def collect() -> dict:
   notes: dict[str, str] = {}
   alloc, prune = _load("allocation", notes), _load("pruning", notes)
   step, torch = _load("sae_step", notes), _load("resnet_torch", notes)
+  thp = _load("sae_step_thp", notes)
   row = next((r for r in alloc.get("rows", []) if r.get("F") == 32768), None)
   ratios = (row or {}).get("ratio_to_lax_top_k_rows", {})
   if row is None and alloc:
@@ -56,6 +66,9 @@ def collect() -> dict:
       "mc_step_vs_matmul": step.get("mc_step_vs_matmul"),
       "fc_step_vs_matmul": step.get("fc_step_vs_matmul"),
       "step_peak_mem_vs_state": step.get("step_peak_mem_vs_state"),
+      "topk_step_vs_matmul_thp": thp.get("topk_step_vs_matmul"),
+      "mc_step_vs_matmul_thp": thp.get("mc_step_vs_matmul"),
+      "fc_step_vs_matmul_thp": thp.get("fc_step_vs_matmul"),
       "resnet20_jax_vs_torch": torch.get("resnet20_jax_vs_torch"),
       # The larger model's figure is the one a training step pays (LeNet steps are ~1 ms).
       "dnr_overhead": dnr.get("resnet20") if isinstance(dnr, dict) else dnr,
@@ -68,7 +81,12 @@ def collect() -> dict:
                         "than the [B, F] one: allocation.json ratio_to_matmul.matmul_fb)",
           "fc_token_major_vs_topk": "the same from token-major [B, F] scores, transpose "
                                     "included",
-          "*_step_vs_matmul": "sparse fast_step time / encoder forward matmul (sae_step.json)",
+          "*_step_vs_matmul": "sparse fast_step time / encoder forward matmul [B, d] x [d, F], "
+                              "median of interleaved rounds (sae_step.json)",
+          "*_step_vs_matmul_thp": "the same in a process run with GLIBC_TUNABLES="
+                                  "glibc.malloc.hugetlb=1 (sae_step_thp.json)",
+          "step_peak_mem_vs_state": "peak bytes of the TopK sparse step (XLA buffer "
+                                    "assignment) / bytes of params + Adam state + batch",
           "dnr_overhead": "ResNet-20 train step with DNR / without, minus 1 (pruning.json)",
           "ap_overhead": "AP selection / one reference training cycle (pruning.json)",
       },
@@ -81,11 +99,19 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--collect-only", action="store_true")
   args = parser.parse_args(argv)
+  t0 = time.time()
   if not args.collect_only:
     for module, module_args in RUNS:
       print(f"== benchmarks.{module} {' '.join(module_args)}", flush=True)
       importlib.import_module(f"benchmarks.{module}").main(module_args)
+    module, module_args = THP_RUN
+    print(f"== {' '.join(f'{k}={v}' for k, v in THP_ENV.items())} benchmarks.{module} "
+          f"{' '.join(module_args)}", flush=True)
+    subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *module_args],
+                   env={**os.environ, **THP_ENV}, check=True)
   result = collect()
+  if not args.collect_only:
+    result["total_seconds"] = round(time.time() - t0, 1)
   RESULTS.mkdir(parents=True, exist_ok=True)
   (RESULTS / "bench.json").write_text(json.dumps(result, indent=2))
   print(json.dumps({k: v for k, v in result.items() if k != "definitions"}, indent=2))

@@ -40,10 +40,10 @@ from sae_jax import fast_select
 from sae_jax import validation
 from sae_jax.fast_select import bisect_uint32
 from sae_jax.fast_select import sortable_key
-from sae_jax.feature_choice import feature_choice
-from sae_jax.feature_choice import feature_choice_fb
-from sae_jax.feature_choice import feature_choice_ranked
-from sae_jax.feature_choice import zipf_capacities
+from sae_jax.feature_choice_select import feature_choice
+from sae_jax.feature_choice_select import feature_choice_fb
+from sae_jax.feature_choice_select import feature_choice_ranked
+from sae_jax.feature_choice_select import zipf_capacities
 
 __all__ = [
     "topk",

@@ -71,6 +71,12 @@ class Selection(NamedTuple):
   valid: Bool[Array, "n"]
 
 
+def supports(cfg: model.SAEConfig) -> bool:
+  """Whether :func:`fast_train_step` runs this configuration (allocation and dtypes)."""
+  return (cfg.allocation in FAST_ALLOCATIONS and cfg.dtype == jnp.float32
+          and cfg.param_dtype == jnp.float32)
+
+
 def check_fast_config(cfg: model.SAEConfig, batch_size: int, chunk_tokens: int) -> int:
   """Validates what the fast step supports; returns the chunk size it will use.
 

@@ -34,7 +34,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from sae_jax import allocation
 from sae_jax import fast_select
-from sae_jax import feature_choice
+from sae_jax import feature_choice_select
 from sae_jax import validation
 
 DATA = "data"
@@ -98,7 +98,7 @@ def feature_choice_sharded(scores: Float[Array, "b f"], capacity: int | Int[Arra
   """:func:`sae_jax.allocation.feature_choice` over scores sharded ``P("data", "model")``."""
   n_data, n_model = _check_divisible(scores, mesh)
   b, f = scores.shape
-  cap, m = feature_choice._capacity_array(capacity, b, f, max_capacity)
+  cap, m = feature_choice_select._capacity_array(capacity, b, f, max_capacity)
   if m == 0:
     return jnp.zeros((b, f), bool)
   cap_arr = jnp.full((f,), m, jnp.int32) if isinstance(cap, int) else jnp.asarray(cap, jnp.int32)

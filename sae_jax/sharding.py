@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sae_jax import fast_step
 from sae_jax import metrics
 from sae_jax import model
 from sae_jax import params as sae_params
@@ -84,14 +85,33 @@ def init_sharded_state(key, cfg: model.SAEConfig, tcfg: train.TrainConfig, mesh:
 
 
 def jit_sharded_step(cfg: model.SAEConfig, tcfg: train.TrainConfig, mesh: Mesh,
-                     state_shape: train.TrainState):
-  """``train_step`` jitted once with explicit in/out shardings and a donated state.
+                     state_shape: train.TrainState, sparse: bool | None = None):
+  """The training step jitted once with explicit in/out shardings and a donated state.
+
+  On a one-device mesh the sparse step :func:`sae_jax.fast_step.fast_train_step` runs
+  by default wherever it supports the configuration (same update to float32 rounding,
+  a fraction of the cost); otherwise, and whenever ``sparse=False``, the dense
+  :func:`sae_jax.train.train_step`, whose allocation is exact across the mesh.
 
   Returns ``step(state, x) -> (state, metrics)``; ``x`` is ``[b, d]`` with b divisible
   by the data axis size.
+
+  Raises:
+    ValueError: if ``sparse=True`` on a mesh of several devices or for a configuration
+      the sparse step does not support.
   """
+  can_sparse = mesh.size == 1 and fast_step.supports(cfg)
+  if sparse and not can_sparse:
+    raise ValueError(
+        f"sparse=True needs a one-device mesh and an allocation in "
+        f"{fast_step.FAST_ALLOCATIONS} with float32 dtypes; got a mesh of {mesh.size} "
+        f"devices and allocation={cfg.allocation!r}. Pass sparse=None to choose "
+        "automatically.")
   shardings = state_shardings(state_shape, mesh)
   replicated = NamedSharding(mesh, P())
-  step = functools.partial(train.train_step, cfg=cfg, tcfg=tcfg, mesh=mesh)
+  if can_sparse and sparse is not False:
+    step = functools.partial(fast_step.fast_train_step, cfg=cfg, tcfg=tcfg)
+  else:
+    step = functools.partial(train.train_step, cfg=cfg, tcfg=tcfg, mesh=mesh)
   return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
                  out_shardings=(shardings, replicated), donate_argnums=(0,))

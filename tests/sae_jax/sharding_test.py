@@ -62,3 +62,31 @@ class ShardedTrainingTest(parameterized.TestCase):
   def test_bad_mesh(self):
     with self.assertRaisesRegex(ValueError, "n_model"):
       sharding.make_mesh(1, 3)
+
+
+class StepChoiceTest(parameterized.TestCase):
+
+  def _step_and_state(self, mesh, allocation, sparse=None):
+    cfg = model.SAEConfig(d_model=16, d_sae=64, allocation=allocation, k=4)
+    tcfg = train.TrainConfig(learning_rate=3e-3, warmup_steps=1, total_steps=20)
+    state = sharding.init_sharded_state(jax.random.key(2), cfg, tcfg, mesh)
+    return sharding.jit_sharded_step(cfg, tcfg, mesh, jax.eval_shape(lambda: state),
+                                     sparse=sparse), state
+
+  @parameterized.parameters("topk", "mutual_choice", "feature_choice")
+  def test_one_device_defaults_to_the_sparse_step(self, allocation):
+    mesh = sharding.make_mesh(1, 1)
+    step, state = self._step_and_state(mesh, allocation)
+    x = jax.device_put(jax.random.normal(jax.random.key(3), (64, 16)),
+                       sharding.batch_sharding(mesh))
+    hlo = step.lower(state, x).as_text()
+    dense_step, _ = self._step_and_state(mesh, allocation, sparse=False)
+    # The sparse step never forms a [b, f] code matrix for the decoder: no dot with the
+    # decoder's [f, d] operand appears, unlike in the dense step.
+    self.assertNotIn("tensor<64x64xf32>, tensor<64x16xf32>", hlo)
+    self.assertIn("tensor<64x64xf32>, tensor<64x16xf32>",
+                  dense_step.lower(state, x).as_text())
+
+  def test_sparse_on_a_mesh_is_refused(self):
+    with self.assertRaisesRegex(ValueError, "sparse=True needs a one-device mesh"):
+      self._step_and_state(sharding.make_mesh(4, 2), "topk", sparse=True)
