@@ -28,18 +28,16 @@ and otherwise falls back to per-row proposals, then to the flat ``lax.top_k``.
 from __future__ import annotations
 
 import math
-import numbers
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
 from sae_jax import fast_select
 from sae_jax import validation
-from sae_jax.fast_select import bisect_uint32
-from sae_jax.fast_select import sortable_key
+# Re-exported: the sharded allocation and the sparse step count with the same search.
+from sae_jax.fast_select import bisect_uint32  # noqa: F401
+from sae_jax.fast_select import sortable_key  # noqa: F401
 from sae_jax.feature_choice_select import feature_choice
 from sae_jax.feature_choice_select import feature_choice_fb
 from sae_jax.feature_choice_select import feature_choice_ranked

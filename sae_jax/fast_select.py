@@ -26,7 +26,6 @@ Costs measured at b=4096, f=32768, k=32 on 2 CPU cores are in ``benchmarks/alloc
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int, UInt32
@@ -326,7 +325,6 @@ def indices_as_groups(flat_idx: Int[Array, "n"], g: int, cap: int
 
   Needs ``cap >= n``; every group appears in one slot, the remaining slots are padding.
   """
-  n = flat_idx.shape[0]
   idx = jnp.sort(flat_idx.astype(jnp.int32))
   grp = idx // g
   first = jnp.concatenate([jnp.ones((1,), bool), grp[1:] != grp[:-1]])
