@@ -108,7 +108,7 @@ def bench_one(b: int, d: int, f: int, k: int, repeats: int, seed: int) -> dict:
       "topk": bool((cases["topk"][0](scores) == plain_topk_mask(scores, k)).all()),
       "mutual_choice": bool((mc == flat).all()),
       "feature_choice_uniform_fb": bool(
-          (fc_fb == plain_uniform_fc_fb(scores_fb, int(uniform.max()))).all()),
+          (fc_fb == cases["feature_choice_uniform_fb_plain_top_k"][0](scores_fb)).all()),
       "feature_choice_uniform": bool((fc == np.asarray(fc_fb).T).all()),
       "feature_choice_zipf_fb_consistent": fc_consistent(scores_fb, zipf_fb, zipf),
   }

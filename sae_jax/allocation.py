@@ -35,9 +35,6 @@ from jaxtyping import Array, Bool, Float, Int
 
 from sae_jax import fast_select
 from sae_jax import validation
-# Re-exported: the sharded allocation and the sparse step count with the same search.
-from sae_jax.fast_select import bisect_uint32  # noqa: F401
-from sae_jax.fast_select import sortable_key  # noqa: F401
 from sae_jax.feature_choice_select import feature_choice
 from sae_jax.feature_choice_select import feature_choice_fb
 from sae_jax.feature_choice_select import feature_choice_ranked
@@ -106,7 +103,7 @@ def mutual_choice(scores: Float[Array, "b f"], k: float, *,
 
   The selection ranks groups of adjacent columns by their maximum, finds the threshold
   of the n-th best group by a count-based bisection, and selects exactly among the
-  entries of the groups above it (:func:`sae_jax.fast_select.top_n_mask`); no per-row
+  entries of the groups above it (:func:`sae_jax.fast_select.top_n_groups`); no per-row
   cap applies. If more than ``n / 8`` extra groups tie at that threshold the candidates
   do not fit; then each row proposes its ``max_per_row`` best entries and the budget is
   chosen among them, and if some row needs all of its proposals the flat ``lax.top_k``

@@ -86,7 +86,7 @@ def count_at_least(keys: UInt32[Array, "..."], u) -> Int[Array, ""]:
 def select_top_n_flat(values: Float[Array, "m"], n: int) -> Bool[Array, "m"]:
   """Exactly the n largest entries of a 1-D array; ties go to the lower index."""
   keys = sortable_key(values)
-  t = bisect_uint32(lambda u: jnp.sum(keys >= u, dtype=jnp.int32), n)
+  t = bisect_uint32(lambda u: count_at_least(keys, u), n)
   above = keys > t
   n_ties_needed = n - jnp.sum(above, dtype=jnp.int32)
   at = keys == t
@@ -158,10 +158,7 @@ def rows_topk(scores: Float[Array, "b f"], k: int) -> tuple[Float[Array, "b k"],
   gkey_BxG = sortable_key(scores).reshape(b, ng, g).max(axis=-1)
   # Candidates in column order, so the final top-k's lower-position rule picks the lower
   # column among ties.
-  if ng <= _ROUNDS_MAX_GROUPS and k <= _ROUNDS_MAX_K:
-    grp_BxK = _topk_groups_axis0(gkey_BxG.T, k)
-  else:
-    grp_BxK = jnp.sort(lax.top_k(key_to_float(gkey_BxG), k)[1], axis=-1)
+  grp_BxK = _topk_groups_axis0(gkey_BxG.T, k)
   flat_grp = (grp_BxK + (jnp.arange(b, dtype=grp_BxK.dtype) * ng)[:, None]).reshape(-1)
   cand_BxKG = scores.reshape(b * ng, g)[flat_grp].reshape(b, k * g)
   vals_BxK, pos_BxK = lax.top_k(cand_BxKG, k)
@@ -195,7 +192,7 @@ def compact(mask_RxC: Bool[Array, "r c"], size: int) -> tuple[Int[Array, "size"]
   """Row-major flat indices of the True entries, padded to a static ``size``.
 
   Returns ``(indices, count)``: the first ``min(count, size)`` indices are the True
-  entries in increasing order; the rest repeat the last entry's index (or 0). Each output
+  entries in increasing order; the remaining slots hold ``r * c - 1``. Each output
   slot binary-searches the prefix counts, so the cost is ``size * log2(r * c)`` gathers
   plus one pass over the mask, never a scatter of ``r * c`` updates.
   """

@@ -124,14 +124,14 @@ def feature_choice_sharded(scores: Float[Array, "b f"], capacity: int | Int[Arra
 def _global_select(keys, flat, n, axes):
   """Exactly the n largest keys over all devices; ties to the lower global flat index."""
   psum = lambda x: lax.psum(jnp.sum(x, dtype=jnp.int32), axes)
-  t = allocation.bisect_uint32(lambda u: psum(keys >= u), n)
+  t = fast_select.bisect_uint32(lambda u: psum(keys >= u), n)
   above = keys > t
   need = n - psum(above)
   tied = keys == t
   # Ties at t: the `need` smallest flat indices. Bisect on the complement so the same
   # "largest u with count >= n" search applies: count(~flat >= ~u) = count(flat <= u).
   inv = ~flat
-  u_inv = allocation.bisect_uint32(lambda u: psum(tied & (inv >= u)), need)
+  u_inv = fast_select.bisect_uint32(lambda u: psum(tied & (inv >= u)), need)
   take_tied = tied & (inv >= u_inv) & (need > 0)
   return above | take_tied
 
