@@ -14,8 +14,10 @@
    kept entries are exactly those of the dense path (ties included).
 3. Loss and gradients run through the kernels of :mod:`sae_jax.sparse`: decoding costs
    ``n * d`` and the encoder gradient is a scatter of ``n`` rows.
-4. Decoder-gradient projection, Adam, decoder renormalisation and the usage/threshold
-   statistics are the reference's, the last two computed from the triples.
+4. Decoder-gradient projection, clipping, Adam and decoder renormalisation run in one
+   in-place pass per weight (:mod:`sae_jax.fused_adam`, optax's formulas and state), so
+   the only large temporaries are the two weight gradients and one chunk. The
+   usage/threshold statistics are the reference's, computed from the triples.
 
 The auxiliary losses (aux_k, aux_zipf) are sparse too: their per-token top-``k_aux``
 over candidate features is taken chunk by chunk and decoded with the same kernels.
@@ -37,12 +39,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
 from sae_jax import allocation
 from sae_jax import fast_select
+from sae_jax import fused_adam
 from sae_jax import losses
 from sae_jax import metrics
 from sae_jax import model
@@ -264,34 +266,32 @@ def _mutual_choice_select(vals_BxC, cols_BxC, pre_BxC, n, centred_NxCxD, W_enc, 
   return lax.cond(saturated, exact, lambda: fast)
 
 
-def _codes(sel: Selection, params: sae_params.SAEParams, x) -> Array:
-  pre_N = sparse.selected_pre(x, params.W_enc, params.b_enc, params.b_dec, sel.rows,
-                              sel.cols, sel.pre)
-  return jnp.where(sel.valid, jax.nn.relu(pre_N), jnp.zeros_like(pre_N))
+def _sparse_loss(dec: tuple[Array, Array], pre_N, aux_pre_N, x, sel: Selection,
+                 aux_sel: Selection | None, aux_candidates, aux_weights, cfg: model.SAEConfig,
+                 tcfg: train.TrainConfig):
+  """The training loss as a function of the decoder and of the selected pre-activations.
 
-
-def _sparse_loss(p: sae_params.SAEParams, x, sel: Selection, aux_sel: Selection | None,
-                 aux_candidates, aux_weights, cfg: model.SAEConfig, tcfg: train.TrainConfig):
+  The encoder enters only through ``pre_N`` and ``aux_pre_N`` (the pre-activations at
+  the triples), so their gradients are the sparse score cotangents from which
+  :func:`sparse.encoder_grads` builds the encoder gradients.
+  """
+  W_dec, b_dec = dec
   b = x.shape[0]
-  x32 = x.astype(jnp.float32)
-  codes_N = _codes(sel, p, x32)
-  recon_BxD = sparse.sparse_decode(codes_N, sel.rows, sel.cols, p.W_dec, b) + p.b_dec
-  nmse = metrics.normalized_mse(recon_BxD, x32)
+  codes_N = jnp.where(sel.valid, jax.nn.relu(pre_N), jnp.zeros_like(pre_N))
+  recon_BxD = sparse.sparse_decode(codes_N, sel.rows, sel.cols, W_dec, b) + b_dec
+  nmse = metrics.normalized_mse(recon_BxD, x)
   loss = nmse
   if cfg.l1_coefficient > 0:
     # Same guard as losses.l1_penalty: no infinite sqrt derivative at an all-zero row.
-    sq_F = jnp.sum(jnp.square(p.W_dec), axis=1)
+    sq_F = jnp.sum(jnp.square(W_dec), axis=1)
     norms_F = jnp.where(sq_F > 0, jnp.sqrt(jnp.where(sq_F > 0, sq_F, 1.0)), 0.0)
     loss = loss + cfg.l1_coefficient * jnp.sum(jnp.abs(codes_N) * norms_F[sel.cols]) / b
   aux = jnp.zeros((), jnp.float32)
   if aux_sel is not None:
-    pre_N = sparse.selected_pre(x32, p.W_enc, p.b_enc, p.b_dec, aux_sel.rows, aux_sel.cols,
-                                aux_sel.pre)
-    scores_N = pre_N if aux_weights is None else pre_N * aux_weights[aux_sel.cols]
+    scores_N = aux_pre_N if aux_weights is None else aux_pre_N * aux_weights[aux_sel.cols]
     aux_codes_N = jax.nn.relu(jnp.where(aux_candidates[aux_sel.cols], scores_N, -jnp.inf))
-    residual_BxD = x32 - jax.lax.stop_gradient(recon_BxD)
-    residual_hat_BxD = sparse.sparse_decode(aux_codes_N, aux_sel.rows, aux_sel.cols,
-                                            p.W_dec, b)
+    residual_BxD = x - jax.lax.stop_gradient(recon_BxD)
+    residual_hat_BxD = sparse.sparse_decode(aux_codes_N, aux_sel.rows, aux_sel.cols, W_dec, b)
     squared_error, variance_sum = metrics.reconstruction_error_terms(residual_hat_BxD,
                                                                      residual_BxD)
     active = jnp.any(aux_candidates) & (variance_sum > 0)
@@ -372,11 +372,21 @@ def fast_train_step(state: train.TrainState, x: Float[Array, "b d"], cfg: model.
         aux_weights = metrics.zipf_deficit(state.usage.density_ema, c, s)
   sel, aux_sel = select(state.params, x, cfg, chunk_tokens=chunk_tokens,
                         aux_candidates=aux_candidates, aux_weights=aux_weights, k_aux=k_aux)
-  (loss, (codes_N, nmse, aux)), grads = jax.value_and_grad(_sparse_loss, has_aux=True)(
-      state.params, x, sel, aux_sel, aux_candidates, aux_weights, cfg, tcfg)
-  grads = sae_params.project_decoder_grads(grads, state.params.W_dec)
-  updates, opt_state = train.make_optimizer(tcfg).update(grads, state.opt_state, state.params)
-  new_params = sae_params.normalize_decoder(optax.apply_updates(state.params, updates))
+  p = state.params
+  x32 = x.astype(jnp.float32)
+  aux_pre = None if aux_sel is None else aux_sel.pre
+  (loss, (codes_N, nmse, aux)), (g_dec, g_pre, g_aux_pre) = jax.value_and_grad(
+      _sparse_loss, argnums=(0, 1, 2), has_aux=True)(
+          (p.W_dec, p.b_dec), sel.pre, aux_pre, x32, sel, aux_sel, aux_candidates,
+          aux_weights, cfg, tcfg)
+  rows, cols, dpre = sel.rows, sel.cols, g_pre
+  if aux_sel is not None:  # one scatter for both losses; shared entries add up
+    rows, cols, dpre = (jnp.concatenate(a) for a in ((rows, aux_sel.rows),
+                                                       (cols, aux_sel.cols), (dpre, g_aux_pre)))
+  dW_enc_FxD, db_enc, db_dec_enc = sparse.encoder_grads(x32, p.W_enc, p.b_dec, rows, cols, dpre)
+  grads = sae_params.SAEParams(W_enc=dW_enc_FxD, b_enc=db_enc, W_dec=g_dec[0],
+                               b_dec=g_dec[1] + db_dec_enc)
+  new_params, opt_state, grad_norm = fused_adam.update(p, grads, state.opt_state, tcfg)
   codes_N = jax.lax.stop_gradient(codes_N)
   usage = usage_update(state.usage, sel, codes_N, b, tcfg.usage_decay)
   threshold = threshold_update(state.threshold, sel, codes_N, cfg, tcfg.threshold_decay)
@@ -387,7 +397,7 @@ def fast_train_step(state: train.TrainState, x: Float[Array, "b d"], cfg: model.
       "l0": jnp.sum(codes_N > 0, dtype=jnp.int32).astype(jnp.float32) / b,
       "dead_fraction": metrics.dead_fraction(usage, tcfg.dead_after_tokens),
       "learning_rate": train.learning_rate_schedule(tcfg)(state.step),
-      "grad_norm": optax.tree.norm(grads),
+      "grad_norm": grad_norm,
       "batch_finite": jnp.all(jnp.isfinite(x)).astype(jnp.float32),
   }
   return (train.TrainState(new_params, opt_state, usage, threshold, state.step + 1),

@@ -66,13 +66,20 @@ def _pad(arr_N, total: int):
   return jnp.pad(arr_N, (0, total - arr_N.shape[0]))
 
 
-def _scatter_rows(out_MxD, idx_N, coef_N, src_SxD, src_idx_N):
-  """``out[idx[i]] += coef[i] * src[src_idx[i]]`` for every i, block by block."""
+def _scatter_rows(num_out: int, idx_N, coef_N, src_SxD, src_idx_N):
+  """``out[idx[i]] += coef[i] * src[src_idx[i]]`` into zeros ``[num_out, d]``, by blocks."""
   block, num = _blocks(idx_N.shape[0])
   src_SxD = jnp.asarray(src_SxD)
   # Padding entries have coefficient 0: they add exact zeros to row 0.
   idx_N, src_idx_N = _pad(idx_N, block * num), _pad(src_idx_N, block * num)
-  coef_N = _pad(coef_N.astype(out_MxD.dtype), block * num)
+  coef_N = _pad(coef_N, block * num)
+  # A zero accumulator of its own for every call: XLA merges identical zero broadcasts,
+  # and two loops starting from one shared broadcast each copy it (an extra
+  # [num_out, d] buffer). The fill depends on this call's coefficients: +0, or -0 when
+  # the first one is NaN (the result then holds NaN anyway).
+  zero = jnp.where(coef_N[0] != coef_N[0], -0.0, 0.0).astype(src_SxD.dtype)
+  out_MxD = jnp.full((num_out, src_SxD.shape[1]), zero, src_SxD.dtype)
+  coef_N = coef_N.astype(src_SxD.dtype)
 
   def body(i, acc):
     sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * block, block)
@@ -125,9 +132,7 @@ def _decode(values_N, rows_N, cols_N, W_dec_FxD, num_rows):
 
 
 def _decode_fwd(values_N, rows_N, cols_N, W_dec_FxD, num_rows):
-  d = W_dec_FxD.shape[1]
-  out_BxD = _scatter_rows(jnp.zeros((num_rows, d), W_dec_FxD.dtype), rows_N, values_N,
-                          W_dec_FxD, cols_N)
+  out_BxD = _scatter_rows(num_rows, rows_N, values_N, W_dec_FxD, cols_N)
   return out_BxD, (values_N, rows_N, cols_N, W_dec_FxD)
 
 
@@ -135,7 +140,7 @@ def _decode_bwd(num_rows, res, dout_BxD):
   values_N, rows_N, cols_N, W_dec_FxD = res
   dvalues_N = _gather_dot(dout_BxD, rows_N, W_dec_FxD, cols_N)
   # Several entries may share a decoder row (one per token): the scatter accumulates.
-  dW_FxD = _scatter_rows(jnp.zeros_like(W_dec_FxD), cols_N, values_N, dout_BxD, rows_N)
+  dW_FxD = _scatter_rows(W_dec_FxD.shape[0], cols_N, values_N, dout_BxD, rows_N)
   return dvalues_N.astype(values_N.dtype), None, None, dW_FxD
 
 
@@ -182,20 +187,37 @@ def _selected_fwd(pre_N, rows_N, cols_N, x_BxD, W_enc_DxF, b_enc_F, b_dec_D):
   return pre_N, (rows_N, cols_N, x_BxD, W_enc_DxF, b_dec_D)
 
 
+def encoder_grads(x: Float[Array, "b d"], W_enc: Float[Array, "d f"],
+                  b_dec: Float[Array, "d"], rows: Int[Array, "n"], cols: Int[Array, "n"],
+                  dpre: Float[Array, "n"]) -> tuple[Array, Array, Array]:
+  """Encoder gradients for a pre-activation cotangent that is non-zero only at triples.
+
+  With ``pre = (x - b_dec) @ W_enc + b_enc`` and ``dpre`` given at the distinct
+  ``(rows, cols)``: ``dW_enc.T[c] += dpre * (x[r] - b_dec)`` (a scatter of ``n``
+  contiguous ``d``-rows), ``db_enc[c] += dpre`` and ``db_dec = -W_enc db_enc``.
+
+  Returns:
+    ``(dW_enc_FxD, db_enc, db_dec)``; the weight gradient in the transposed ``[f, d]``
+    layout in which it is scattered (transpose it, or hand it to
+    :func:`sae_jax.fused_adam.update`, which takes that layout).
+  """
+  _check_triples(rows, cols, dpre)
+  d, f = W_enc.shape
+  centred_BxD = (x - b_dec).astype(W_enc.dtype)
+  dW_FxD = _scatter_rows(f, cols, dpre, centred_BxD, rows)
+  db_enc_F = jnp.zeros((f,), W_enc.dtype).at[cols].add(dpre)
+  # pre = (x - b_dec) W_enc + b_enc, so sum_b dpre[b] W_enc^T = W_enc db_enc.
+  db_dec_D = -(W_enc @ db_enc_F).astype(b_dec.dtype)
+  return dW_FxD, db_enc_F, db_dec_D
+
+
 def _selected_bwd(res, dpre_N):
   rows_N, cols_N, x_BxD, W_enc_DxF, b_dec_D = res
-  d, f = W_enc_DxF.shape
-  centred_BxD = (x_BxD - b_dec_D).astype(W_enc_DxF.dtype)
-  # Scatter rows of the transposed gradient: each update is a contiguous d-vector.
-  dW_FxD = _scatter_rows(jnp.zeros((f, d), W_enc_DxF.dtype), cols_N, dpre_N, centred_BxD,
-                         rows_N)
-  db_enc_F = jnp.zeros((f,), W_enc_DxF.dtype).at[cols_N].add(dpre_N)
-  # pre = (x - b_dec) W_enc + b_enc, so sum_b dpre[b] W_enc^T = W_enc db_enc.
-  enc_of_bias_D = W_enc_DxF @ db_enc_F
-  dx_BxD = _scatter_rows(jnp.zeros_like(x_BxD), rows_N, dpre_N, W_enc_DxF.T, cols_N)
-  dW_DxF = _materialised_transpose(dW_FxD)
-  return (jnp.zeros_like(dpre_N), None, None, dx_BxD, dW_DxF, db_enc_F,
-          -enc_of_bias_D.astype(b_dec_D.dtype))
+  dW_FxD, db_enc_F, db_dec_D = encoder_grads(x_BxD, W_enc_DxF, b_dec_D, rows_N, cols_N,
+                                             dpre_N)
+  dx_BxD = _scatter_rows(x_BxD.shape[0], rows_N, dpre_N, W_enc_DxF.T, cols_N)
+  return (jnp.zeros_like(dpre_N), None, None, dx_BxD, _materialised_transpose(dW_FxD),
+          db_enc_F, db_dec_D)
 
 
 _selected.defvjp(_selected_fwd, _selected_bwd)
