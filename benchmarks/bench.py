@@ -66,6 +66,8 @@ def collect() -> dict:
       "mc_step_vs_matmul": step.get("mc_step_vs_matmul"),
       "fc_step_vs_matmul": step.get("fc_step_vs_matmul"),
       "step_peak_mem_vs_state": step.get("step_peak_mem_vs_state"),
+      "mc_step_peak_mem_vs_state": step.get("mc_step_peak_mem_vs_state"),
+      "fc_step_peak_mem_vs_state": step.get("fc_step_peak_mem_vs_state"),
       "topk_step_vs_matmul_thp": thp.get("topk_step_vs_matmul"),
       "mc_step_vs_matmul_thp": thp.get("mc_step_vs_matmul"),
       "fc_step_vs_matmul_thp": thp.get("fc_step_vs_matmul"),
@@ -87,6 +89,7 @@ def collect() -> dict:
                                   "glibc.malloc.hugetlb=1 (sae_step_thp.json)",
           "step_peak_mem_vs_state": "peak bytes of the TopK sparse step (XLA buffer "
                                     "assignment) / bytes of params + Adam state + batch",
+          "mc_/fc_step_peak_mem_vs_state": "the same for the Mutual / Feature Choice steps",
           "dnr_overhead": "ResNet-20 train step with DNR / without, minus 1 (pruning.json)",
           "ap_overhead": "AP selection / one reference training cycle (pruning.json)",
       },

@@ -54,6 +54,8 @@ from sae_jax import train
 
 FAST_ALLOCATIONS = ("topk", "batch_topk", "mutual_choice", "feature_choice")
 DEFAULT_CHUNK_TOKENS = 512
+# Entries per block when the exact Mutual Choice fallback collects a chunk's winners.
+EXACT_BLOCK_ENTRIES = 1 << 20
 
 
 class Selection(NamedTuple):
@@ -133,19 +135,33 @@ def _mutual_choice_exact(centred_NxCxD, W_enc, b_enc, n: int, cfg) -> Selection:
   t = fast_select.bisect_uint32(lambda u: count(lambda key: key >= u), n)
   need = n - count(lambda key: key > t)  # ties at t kept in row-major order
 
+  # Each chunk is collected in blocks of whole rows of at most EXACT_BLOCK_ENTRIES
+  # entries, so the index arithmetic of this rarely taken branch does not add
+  # chunk-sized buffers to the step's peak memory.
+  sub = max(r for r in range(1, bc + 1)
+            if bc % r == 0 and (r == 1 or r * f <= EXACT_BLOCK_ENTRIES))
+  m = min(n, sub * f)
+
   def body(c, carry):
-    ties_before, kept_before, rows, cols, pre_out = carry
     keys, pre = chunk(c)
-    at = (keys == t).reshape(-1)
-    tie_rank = ties_before + jnp.cumsum(at, dtype=jnp.int32)
-    keep = (keys.reshape(-1) > t) | (at & (tie_rank <= need))
-    pos = jnp.nonzero(keep, size=n, fill_value=0)[0].astype(jnp.int32)
-    count_c = jnp.sum(keep, dtype=jnp.int32)
-    slot = jnp.where(jnp.arange(n) < count_c, kept_before + jnp.arange(n), n)
-    rows = rows.at[slot].set(c * bc + pos // f, mode="drop")
-    cols = cols.at[slot].set(pos % f, mode="drop")
-    pre_out = pre_out.at[slot].set(pre.reshape(-1)[pos], mode="drop")
-    return ties_before + jnp.sum(at, dtype=jnp.int32), kept_before + count_c, rows, cols, pre_out
+    keys, pre = keys.reshape(bc // sub, sub * f), pre.reshape(bc // sub, sub * f)
+
+    def block(j, carry):
+      ties_before, kept_before, rows, cols, pre_out = carry
+      keys_j = keys[j]
+      at = keys_j == t
+      tie_rank = ties_before + jnp.cumsum(at, dtype=jnp.int32)
+      keep = (keys_j > t) | (at & (tie_rank <= need))
+      pos = jnp.nonzero(keep, size=m, fill_value=0)[0].astype(jnp.int32)
+      count_j = jnp.sum(keep, dtype=jnp.int32)
+      slot = jnp.where(jnp.arange(m) < count_j, kept_before + jnp.arange(m), n)
+      rows = rows.at[slot].set(c * bc + j * sub + pos // f, mode="drop")
+      cols = cols.at[slot].set(pos % f, mode="drop")
+      pre_out = pre_out.at[slot].set(pre[j][pos], mode="drop")
+      return (ties_before + jnp.sum(at, dtype=jnp.int32), kept_before + count_j, rows, cols,
+              pre_out)
+
+    return lax.fori_loop(0, bc // sub, block, carry)
 
   init = (jnp.int32(0), jnp.int32(0), jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.int32),
           jnp.zeros((n,), W_enc.dtype))

@@ -127,6 +127,21 @@ class FastStepMatchesReferenceTest(parameterized.TestCase):
     self.assertGreater(int(jnp.sum(sel.rows == 5)), 4 * K)
     _run_both(self, cfg, tcfg, xs, state)
 
+  def test_mutual_choice_fallback_collects_in_row_blocks(self):
+    # The exact fallback collects each chunk's winners in blocks of rows; with blocks of
+    # 3 rows (a chunk of 16 has no such divisor: 2 rows) the ties and offsets still match.
+    cfg, tcfg = _configs("mutual_choice")
+    x = _batches(1, seed=7)[0].at[5].multiply(100.0)
+    state = train.init_train_state(jax.random.key(0), cfg, tcfg, x)
+    with absltest.mock.patch.object(fast_step, "EXACT_BLOCK_ENTRIES", 3 * F):
+      for inputs in (x, jnp.ones_like(x)):  # one row's excess; all entries tied
+        # A fresh trace, so the patched block size is the one compiled.
+        sel, _ = jax.jit(lambda p, v: fast_step.select(p, v, cfg, chunk_tokens=CHUNK))(
+            state.params, inputs)
+        got = sparse.selection_mask(sel.rows, sel.cols, sel.valid, (B, F))
+        np.testing.assert_array_equal(got, _dense_mask(state.params, inputs, cfg))
+        self.assertEqual(int(jnp.sum(got)), K * B)
+
   def test_mutual_choice_without_room_for_candidates(self):
     # 4 * k >= f: only the exact chunked search applies.
     cfg, tcfg = _configs("mutual_choice", k=40)
