@@ -31,9 +31,9 @@ from jaxtyping import Array
 from sae_jax import params as sae_params
 from sae_jax import train
 
-# Features per block of the in-place loops: [d, 256] slices of a [d, f] matrix are
-# read in 1 KiB runs; 256 to 1024 measured alike (128: +10 %) at d=768, f=32768.
-BLOCK = 256
+# Features per block of the in-place loops: at d=768, f=32768 the encoder's moments
+# took 43 ms a step with blocks of 512 or 1024, 60 ms with 4096 and 74 ms with 256.
+BLOCK = 512
 
 
 class _AdamScalars(NamedTuple):
@@ -120,6 +120,25 @@ def _in_blocks(fn, carry, consts, axis: int):
   return lax.fori_loop(0, n // BLOCK, body, tuple(carry))
 
 
+# Rows per tile when a gradient block is transposed (a [BLOCK, d] block becomes d / TILE
+# tiles, each transposed in cache by its own loop step).
+TILE = 64
+
+
+def _tiled_transpose(a_BxD):
+  """``a.T`` of one block, computed tile by tile and materialised.
+
+  Fused into its consumers, a transpose reads with a stride of the row length; the
+  tiles here are transposed inside a loop whose results XLA cannot fuse away, and the
+  moments' updates then read the block contiguously (measured 1.7x faster than the
+  fused transpose for [512, 768] blocks).
+  """
+  b, d = a_BxD.shape
+  tile = TILE if d % TILE == 0 else d
+  tiles = jax.lax.map(lambda t_BxT: t_BxT.T, a_BxD.reshape(b, d // tile, tile).transpose(1, 0, 2))
+  return tiles.reshape(d, b)
+
+
 def _sum_in_blocks(fn, consts):
   """``sum(fn(*consts))`` over row blocks (no full-size intermediate)."""
   n = consts[0].shape[0]
@@ -164,23 +183,28 @@ def update(params: sae_params.SAEParams, grads: sae_params.SAEParams, opt_state,
   # from the new moments. One loop for all three makes XLA copy the moments on every
   # iteration (the weight's block reads their old values).
   sq = lambda a: jnp.sum(jnp.square(a))
-  dec_sq = _sum_in_blocks(lambda g, w: jnp.square(_project(g, w)), (grads.W_dec, params.W_dec))
-  g_norm = jnp.sqrt(sq(grads.W_enc) + sq(grads.b_enc) + dec_sq + sq(grads.b_dec))
+  with jax.named_scope("grad_norm"):
+    dec_sq = _sum_in_blocks(lambda g, w: jnp.square(_project(g, w)),
+                            (grads.W_dec, params.W_dec))
+    g_norm = jnp.sqrt(sq(grads.W_enc) + sq(grads.b_enc) + dec_sq + sq(grads.b_dec))
   count_inc = optax.safe_increment(adam.count)
   s = _AdamScalars(
       trigger=jnp.squeeze(g_norm < tcfg.grad_clip), g_norm=g_norm,
       max_norm=float(tcfg.grad_clip), b1=tcfg.adam_b1, b2=tcfg.adam_b2, eps=tcfg.adam_eps,
       bc1=1 - tcfg.adam_b1 ** count_inc, bc2=1 - tcfg.adam_b2 ** count_inc,
       step_size=-train.learning_rate_schedule(tcfg)(sched.count))
-  mu_enc, nu_enc = _in_blocks(lambda m, v, g: _moments(g.T, m, v, s),
-                              (adam.mu.W_enc, adam.nu.W_enc), [(grads.W_enc, 0)], axis=1)
-  (W_enc,) = _in_blocks(lambda w, m, v: (_apply(w, m, v, s),), (params.W_enc,),
-                        [(mu_enc, 1), (nu_enc, 1)], axis=1)
-  mu_dec, nu_dec = _in_blocks(lambda m, v, g, w: _moments(_project(g, w), m, v, s),
-                              (adam.mu.W_dec, adam.nu.W_dec),
-                              [(grads.W_dec, 0), (params.W_dec, 0)], axis=0)
-  (W_dec,) = _in_blocks(lambda w, m, v: (sae_params._unit_rows(_apply(w, m, v, s)),),
-                        (params.W_dec,), [(mu_dec, 0), (nu_dec, 0)], axis=0)
+  with jax.named_scope("encoder_moments"):
+    mu_enc, nu_enc = _in_blocks(lambda m, v, g: _moments(_tiled_transpose(g), m, v, s),
+                                (adam.mu.W_enc, adam.nu.W_enc), [(grads.W_enc, 0)], axis=1)
+  with jax.named_scope("encoder_apply"):  # same layouts: one in-place elementwise pass
+    W_enc = _apply(params.W_enc, mu_enc, nu_enc, s)
+  with jax.named_scope("decoder_moments"):
+    mu_dec, nu_dec = _in_blocks(lambda m, v, g, w: _moments(_project(g, w), m, v, s),
+                                (adam.mu.W_dec, adam.nu.W_dec),
+                                [(grads.W_dec, 0), (params.W_dec, 0)], axis=0)
+  with jax.named_scope("decoder_apply"):
+    (W_dec,) = _in_blocks(lambda w, m, v: (sae_params._unit_rows(_apply(w, m, v, s)),),
+                          (params.W_dec,), [(mu_dec, 0), (nu_dec, 0)], axis=0)
   b_enc, mu_benc, nu_benc = _adam(grads.b_enc, params.b_enc, adam.mu.b_enc, adam.nu.b_enc, s)
   b_dec, mu_bdec, nu_bdec = _adam(grads.b_dec, params.b_dec, adam.mu.b_dec, adam.nu.b_dec, s)
   new_params = sae_params.SAEParams(W_enc, b_enc, W_dec, b_dec)

@@ -29,9 +29,9 @@ class FusedAdamTest(parameterized.TestCase):
   @parameterized.product(
       f=(2 * fused_adam.BLOCK, 3 * fused_adam.BLOCK, 100),  # blocked loops and whole arrays
       grad_clip=(1.0, 0.0, 1e3),  # clipping active, disabled, inactive
+      d=(24, 2 * fused_adam.TILE),  # one transpose tile per block, or several
   )
-  def test_matches_optax_over_steps(self, f, grad_clip):
-    d = 24
+  def test_matches_optax_over_steps(self, f, grad_clip, d):
     tcfg = train.TrainConfig(learning_rate=1e-2, warmup_steps=2, total_steps=20,
                              grad_clip=grad_clip)
     st = _state(d, f, tcfg)
