@@ -28,12 +28,19 @@ RUNS = (  # (module, arguments)
     ("sae_step", ["--skip-dense"]),
     ("resnet_torch", []),
 )
-# The SAE step once more in a fresh process with glibc's transparent-huge-page malloc:
-# XLA:CPU allocates its temporaries per call, and at these sizes first-touch page faults
-# cost the matmul and the step tens of milliseconds per 100 MiB buffer.
-THP_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-THP_RUN = ("sae_step", ["--skip-dense", "--out", str(pathlib.Path(__file__).resolve().parent
-                                                      / "results" / "sae_step_thp.json")])
+# The SAE step once more in fresh processes with other glibc malloc settings. XLA:CPU
+# allocates its temporaries on every call; with the default settings glibc maps these
+# large buffers fresh each time and first-touch page faults cost the step up to 0.5 s
+# at this size (steps then alternate between ~1.4 and ~1.9 s). "heap" keeps freed
+# memory in the process for reuse; "thp" backs the heap with transparent huge pages.
+_RESULT_DIR = pathlib.Path(__file__).resolve().parent / "results"
+ENV_RUNS = {  # suffix: (environment, module, arguments)
+    "heap": ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4294967296:"
+                                "glibc.malloc.trim_threshold=4294967296"},
+             "sae_step", ["--skip-dense", "--out", str(_RESULT_DIR / "sae_step_heap.json")]),
+    "thp": ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+            "sae_step", ["--skip-dense", "--out", str(_RESULT_DIR / "sae_step_thp.json")]),
+}
 
 
 def _load(name: str, notes: dict) -> dict:
@@ -48,7 +55,7 @@ def collect() -> dict:
   notes: dict[str, str] = {}
   alloc, prune = _load("allocation", notes), _load("pruning", notes)
   step, torch = _load("sae_step", notes), _load("resnet_torch", notes)
-  thp = _load("sae_step_thp", notes)
+  env_steps = {suffix: _load(f"sae_step_{suffix}", notes) for suffix in ENV_RUNS}
   row = next((r for r in alloc.get("rows", []) if r.get("F") == 32768), None)
   ratios = (row or {}).get("ratio_to_lax_top_k_rows", {})
   if row is None and alloc:
@@ -68,9 +75,8 @@ def collect() -> dict:
       "step_peak_mem_vs_state": step.get("step_peak_mem_vs_state"),
       "mc_step_peak_mem_vs_state": step.get("mc_step_peak_mem_vs_state"),
       "fc_step_peak_mem_vs_state": step.get("fc_step_peak_mem_vs_state"),
-      "topk_step_vs_matmul_thp": thp.get("topk_step_vs_matmul"),
-      "mc_step_vs_matmul_thp": thp.get("mc_step_vs_matmul"),
-      "fc_step_vs_matmul_thp": thp.get("fc_step_vs_matmul"),
+      **{f"{a}_step_vs_matmul_{suffix}": res.get(f"{a}_step_vs_matmul")
+         for suffix, res in env_steps.items() for a in ("topk", "mc", "fc")},
       "resnet20_jax_vs_torch": torch.get("resnet20_jax_vs_torch"),
       # The larger model's figure is the one a training step pays (LeNet steps are ~1 ms).
       "dnr_overhead": dnr.get("resnet20") if isinstance(dnr, dict) else dnr,
@@ -85,8 +91,9 @@ def collect() -> dict:
                                     "included",
           "*_step_vs_matmul": "sparse fast_step time / encoder forward matmul [B, d] x [d, F], "
                               "median of interleaved rounds (sae_step.json)",
-          "*_step_vs_matmul_thp": "the same in a process run with GLIBC_TUNABLES="
-                                  "glibc.malloc.hugetlb=1 (sae_step_thp.json)",
+          **{f"*_step_vs_matmul_{suffix}": f"the same in a process run with "
+             f"{' '.join(f'{k}={v}' for k, v in env.items())} (sae_step_{suffix}.json)"
+             for suffix, (env, _, _) in ENV_RUNS.items()},
           "step_peak_mem_vs_state": "peak bytes of the TopK sparse step (XLA buffer "
                                     "assignment) / bytes of params + Adam state + batch",
           "mc_/fc_step_peak_mem_vs_state": "the same for the Mutual / Feature Choice steps",
@@ -107,11 +114,11 @@ def main(argv=None) -> dict:
     for module, module_args in RUNS:
       print(f"== benchmarks.{module} {' '.join(module_args)}", flush=True)
       importlib.import_module(f"benchmarks.{module}").main(module_args)
-    module, module_args = THP_RUN
-    print(f"== {' '.join(f'{k}={v}' for k, v in THP_ENV.items())} benchmarks.{module} "
-          f"{' '.join(module_args)}", flush=True)
-    subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *module_args],
-                   env={**os.environ, **THP_ENV}, check=True)
+    for env, module, module_args in ENV_RUNS.values():
+      print(f"== {' '.join(f'{k}={v}' for k, v in env.items())} benchmarks.{module} "
+            f"{' '.join(module_args)}", flush=True)
+      subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *module_args],
+                     env={**os.environ, **env}, check=True)
   result = collect()
   if not args.collect_only:
     result["total_seconds"] = round(time.time() - t0, 1)
