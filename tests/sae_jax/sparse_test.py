@@ -133,6 +133,20 @@ class SelectedPreTest(chex.TestCase):
     want = np.sum(np.asarray(x - b_dec)[np.asarray(rows)[np.asarray(cols) == c]], axis=0)
     np.testing.assert_allclose(np.asarray(dW)[:, c], want, rtol=1e-5)
 
+  def test_encoder_grads_equal_dense_vjp_with_repeated_entries(self):
+    # encoder_grads takes any cotangent at the triples, repeated pairs included (the
+    # fast step concatenates the main and auxiliary selections): they add up.
+    rows, cols, _, x, W_enc, b_enc, _, b_dec = _triples(8)
+    rows2, cols2 = jnp.concatenate([rows, rows[:4]]), jnp.concatenate([cols, cols[:4]])
+    dpre = jax.random.normal(jax.random.key(1), rows2.shape)
+    dW_FxD, db_enc, db_dec = sparse.encoder_grads(x, W_enc, b_dec, rows2, cols2, dpre)
+    dense_cot = jnp.zeros((B, F)).at[rows2, cols2].add(dpre)
+    _, vjp = jax.vjp(lambda w, be, bd: (x - bd) @ w + be, W_enc, b_enc, b_dec)
+    want_w, want_be, want_bd = vjp(dense_cot)
+    self.assertEqual(dW_FxD.shape, (F, D))
+    chex.assert_trees_all_close((dW_FxD.T, db_enc, db_dec), (want_w, want_be, want_bd),
+                                rtol=1e-5, atol=1e-6)
+
   def test_check_grads(self):
     rows, cols, _, x, W_enc, b_enc, _, b_dec = _triples(7)
     check_grads(lambda *a: sparse.selected_pre(*a, rows, cols), (x, W_enc, b_enc, b_dec),
