@@ -265,9 +265,17 @@ def select(params: sae_params.SAEParams, x: Float[Array, "b d"], cfg: model.SAEC
   return main, aux
 
 
+# When a few rows claim all of their per-row proposals (a token that takes more than
+# 4k of the Mutual Choice budget), those rows' pre-activations are recomputed, up to one
+# chunk of rows at once, and offered with this many times more proposals before the
+# exact (but ~34 encoder passes) search is used.
+EXPAND_FACTOR = 4
+
+
 def _mutual_choice_select(vals_BxC, cols_BxC, pre_BxC, n, centred_NxCxD, W_enc, b_enc,
                           cfg) -> Selection:
   b, cap = vals_BxC.shape
+  nc, bc, d = centred_NxCxD.shape
   f = W_enc.shape[1]
   exact = lambda: _mutual_choice_exact(centred_NxCxD, W_enc, b_enc, n, cfg)
   if cap >= f or b * cap <= n:
@@ -275,11 +283,77 @@ def _mutual_choice_select(vals_BxC, cols_BxC, pre_BxC, n, centred_NxCxD, W_enc, 
   # Rows in order, each row's proposals by value then column: among equal values this
   # is the row-major order, so the flat tie rule carries over.
   keep = fast_select.select_top_n_flat(vals_BxC.reshape(-1), n)
-  saturated = jnp.any(jnp.all(keep.reshape(b, cap), axis=1))
+  saturated_B = jnp.all(keep.reshape(b, cap), axis=1)
+  n_saturated = jnp.sum(saturated_B, dtype=jnp.int32)
   pos = jnp.nonzero(keep, size=n, fill_value=0)[0].astype(jnp.int32)
   fast = Selection(pos // cap, cols_BxC.reshape(-1)[pos].astype(jnp.int32),
                    pre_BxC.reshape(-1)[pos], jnp.ones((n,), bool))
-  return lax.cond(saturated, exact, lambda: fast)
+  wide = min(f, EXPAND_FACTOR * cap)
+
+  def expand():
+    return _mutual_choice_expand(vals_BxC, cols_BxC, pre_BxC, saturated_B, n,
+                                 centred_NxCxD.reshape(b, d), W_enc, b_enc, cfg, bc, wide)
+
+  def second_stage():
+    if wide <= cap:
+      return fast, jnp.bool_(True)
+    return lax.cond(n_saturated <= bc, expand, lambda: (fast, jnp.bool_(True)))
+
+  sel, need_exact = lax.cond(n_saturated == 0, lambda: (fast, jnp.bool_(False)), second_stage)
+  return lax.cond(need_exact, exact, lambda: sel)
+
+
+def _mutual_choice_expand(vals_BxC, cols_BxC, pre_BxC, saturated_B, n, centred_BxD, W_enc,
+                          b_enc, cfg, rows: int, wide: int) -> tuple[Selection, Array]:
+  """Mutual Choice with the saturated rows' proposals widened to ``wide``.
+
+  Up to ``rows`` saturated rows are recomputed as one chunk-shaped encoder matmul (the
+  same shape as the chunks, so their values are bitwise those of the first pass) and
+  give ``wide`` proposals each; the other rows keep theirs. The n best of the union are
+  exact when no recomputed row is saturated again: a row that was not saturated kept
+  fewer than all of its proposals, and widening other rows only raises the threshold.
+  Ties at the threshold are cut in row-major order from per-row tie counts. Returns
+  ``(selection, still_saturated)``.
+  """
+  b, cap = vals_BxC.shape
+  idx_S = jnp.nonzero(saturated_B, size=rows, fill_value=0)[0].astype(jnp.int32)
+  valid_S = jnp.arange(rows) < jnp.sum(saturated_B, dtype=jnp.int32)
+  pre_SxF = _chunk_pre(centred_BxD[idx_S], W_enc, b_enc)
+  vals_SxW, cols_SxW = fast_select.rows_topk(_scores(pre_SxF, cfg), wide)
+  pre_SxW = jnp.take_along_axis(pre_SxF, cols_SxW, axis=1)
+  # Candidates as order-preserving keys; key 0 (below every score's key) marks the
+  # saturated rows' old proposals and the padding rows, which are never selected.
+  key1 = jnp.where(saturated_B[:, None], jnp.uint32(0), fast_select.sortable_key(vals_BxC))
+  key2 = jnp.where(valid_S[:, None], fast_select.sortable_key(vals_SxW), jnp.uint32(0))
+  t = fast_select.bisect_uint32(
+      lambda u: fast_select.count_at_least(key1, u) + fast_select.count_at_least(key2, u), n)
+  above1, above2 = key1 > t, key2 > t
+  need = n - jnp.sum(above1, dtype=jnp.int32) - jnp.sum(above2, dtype=jnp.int32)
+  at1, at2 = key1 == t, key2 == t
+  # Every row's candidates are in value-then-column order, so within a row the ties come
+  # in column order; across rows they are ranked by the counts of the rows before.
+  ties_B = (jnp.sum(at1, axis=1, dtype=jnp.int32)
+            + jnp.zeros((b,), jnp.int32).at[idx_S].add(
+                jnp.where(valid_S, jnp.sum(at2, axis=1, dtype=jnp.int32), 0)))
+  before_B = jnp.cumsum(ties_B) - ties_B
+  keep1 = above1 | (at1 & (before_B[:, None] + jnp.cumsum(at1, axis=1, dtype=jnp.int32)
+                           <= need))
+  keep2 = valid_S[:, None] & (above2 | (at2 & (
+      before_B[idx_S][:, None] + jnp.cumsum(at2, axis=1, dtype=jnp.int32) <= need)))
+  still_saturated = jnp.any(valid_S & jnp.all(keep2, axis=1))
+  count1 = jnp.sum(keep1, dtype=jnp.int32)
+  pos1 = jnp.nonzero(keep1.reshape(-1), size=n, fill_value=0)[0].astype(jnp.int32)
+  pos2 = jnp.nonzero(keep2.reshape(-1), size=n, fill_value=0)[0].astype(jnp.int32)
+  slot = jnp.arange(n, dtype=jnp.int32)
+  first = slot < count1
+  p2 = pos2[jnp.maximum(slot - count1, 0)]
+  sel = Selection(
+      rows=jnp.where(first, pos1 // cap, idx_S[p2 // wide]),
+      cols=jnp.where(first, cols_BxC.reshape(-1)[pos1], cols_SxW.reshape(-1)[p2]
+                     ).astype(jnp.int32),
+      pre=jnp.where(first, pre_BxC.reshape(-1)[pos1], pre_SxW.reshape(-1)[p2]),
+      valid=jnp.ones((n,), bool))
+  return sel, still_saturated
 
 
 def _sparse_loss(dec: tuple[Array, Array], pre_N, aux_pre_N, x, sel: Selection,

@@ -127,6 +127,58 @@ class FastStepMatchesReferenceTest(parameterized.TestCase):
     self.assertGreater(int(jnp.sum(sel.rows == 5)), 4 * K)
     _run_both(self, cfg, tcfg, xs, state)
 
+  def _patched_exact_returns_nothing(self):
+    """Replaces the exact search by a wrong (empty) selection, to see which path ran."""
+    def wrong(centred_NxCxD, W_enc, b_enc, n, cfg):
+      zeros = jnp.zeros((n,), jnp.int32)
+      return fast_step.Selection(zeros, zeros, jnp.zeros((n,), W_enc.dtype),
+                                 jnp.ones((n,), bool))
+    return absltest.mock.patch.object(fast_step, "_mutual_choice_exact", wrong)
+
+  def _fresh_select_mask(self, params, x, cfg, chunk=CHUNK):
+    sel, _ = jax.jit(lambda p, v: fast_step.select(p, v, cfg, chunk_tokens=chunk))(params, x)
+    return np.asarray(sparse.selection_mask(sel.rows, sel.cols, sel.valid, x.shape[:1]
+                                            + (cfg.d_sae,)))
+
+  def test_mutual_choice_saturated_rows_widened_without_exact_search(self):
+    # Tokens 5-7 claim 33-46 entries each, more than their 4k = 16 proposals and fewer
+    # than the 64 of the widened rows: the widened union is exact on its own.
+    cfg, tcfg = _configs("mutual_choice")
+    x = _batches(1, seed=7)[0].at[5:8].multiply(5.0)
+    state = train.init_train_state(jax.random.key(0), cfg, tcfg, x)
+    want = np.asarray(_dense_mask(state.params, x, cfg))
+    self.assertTrue(np.all(want.sum(1)[5:8] > 4 * K) and np.all(want.sum(1) <= 16 * K))
+    with self._patched_exact_returns_nothing():
+      np.testing.assert_array_equal(self._fresh_select_mask(state.params, x, cfg), want)
+    _run_both(self, cfg, tcfg, [x], state)
+
+  def test_mutual_choice_widened_rows_saturated_again_use_exact_search(self):
+    # A shared input direction lets token 5 claim all 128 features (> 64 widened
+    # proposals): only the exact search gets it right, as the patched run shows.
+    cfg, tcfg = _configs("mutual_choice")
+    x = _batches(1, seed=7)[0].at[5, 0].set(100.0)
+    state = train.init_train_state(jax.random.key(0), cfg, tcfg, x)
+    params = state.params._replace(W_enc=state.params.W_enc.at[0].add(0.5))
+    state = state._replace(params=params)
+    want = np.asarray(_dense_mask(params, x, cfg))
+    self.assertEqual(int(want.sum(1)[5]), F)
+    with self._patched_exact_returns_nothing():
+      self.assertFalse(np.array_equal(self._fresh_select_mask(params, x, cfg), want))
+    np.testing.assert_array_equal(self._fresh_select_mask(params, x, cfg), want)
+    _run_both(self, cfg, tcfg, [x], state)
+
+  def test_mutual_choice_more_saturated_rows_than_a_chunk(self):
+    # All scores equal: the first 16 tokens take the whole budget, more rows than a
+    # chunk of 8 holds, so the exact search runs (and cuts the ties in row-major order).
+    cfg, _ = _configs("mutual_choice")
+    x = jnp.ones((B, D), jnp.float32)
+    params = train.init_train_state(jax.random.key(0), cfg, _configs("mutual_choice")[1],
+                                    x).params
+    want = np.asarray(_dense_mask(params, x, cfg))
+    np.testing.assert_array_equal(self._fresh_select_mask(params, x, cfg, chunk=8), want)
+    with self._patched_exact_returns_nothing():
+      self.assertFalse(np.array_equal(self._fresh_select_mask(params, x, cfg, chunk=8), want))
+
   def test_mutual_choice_fallback_collects_in_row_blocks(self):
     # The exact fallback collects each chunk's winners in blocks of rows; with blocks of
     # 3 rows (a chunk of 16 has no such divisor: 2 rows) the ties and offsets still match.
