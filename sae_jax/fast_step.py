@@ -11,7 +11,10 @@
 2. The selection becomes a flat list of ``(token, feature, pre-activation)`` triples of
    static length (``k * b`` for TopK and Mutual Choice, ``f * max capacity`` for Feature
    Choice), using the order-preserving selection of :mod:`sae_jax.allocation`, so the
-   kept entries are exactly those of the dense path (ties included).
+   kept entries are exactly those of the dense path (ties included). Mutual Choice
+   offers ``4k`` proposals per token; tokens that claim all of theirs are recomputed
+   (up to one chunk of them) with ``16k``, and only if one claims all of those too
+   does an exact threshold search over recomputed chunks run (~34 encoder passes).
 3. Loss and gradients run through the kernels of :mod:`sae_jax.sparse`: decoding costs
    ``n * d`` and the encoder gradient is a scatter of ``n`` rows.
 4. Decoder-gradient projection, clipping, Adam and decoder renormalisation run in one
