@@ -1,4 +1,4 @@
-"""Clip, Adam, decoder projection and renormalisation in one in-place pass per weight.
+"""Clip, Adam, decoder projection and renormalisation, in place.
 
 :func:`update` computes what the reference step does with optax,
 
@@ -7,12 +7,13 @@
     params = normalize_decoder(optax.apply_updates(params, updates))
 
 with the same formulas in the same order (clip by global norm, moments, bias
-correction, ``-lr * mu_hat / (sqrt(nu_hat) + eps)``), but each weight matrix is
-updated block by block inside a loop whose carry is ``(weight, mu, nu)``. Each block
-is read once and written back in place, so no ``[d, f]`` update, projected gradient or
-transposed gradient is ever held: the only large temporaries are the two weight
-gradients themselves. The encoder gradient is taken in the ``[f, d]`` layout in which
-the sparse kernels scatter it (its blocks are transposed one at a time, in cache).
+correction, ``-lr * mu_hat / (sqrt(nu_hat) + eps)``), but every weight matrix is
+updated in place in two passes: its moments (a loop over blocks of features whose
+carry is ``(mu, nu)``), then the weight from the new moments. No ``[d, f]`` update,
+projected gradient or transposed gradient is ever held: the only large temporaries
+are the two weight gradients themselves. The encoder gradient is taken in the
+``[f, d]`` layout in which the sparse kernels scatter it (its blocks are transposed
+one at a time, in cache).
 
 The optimiser state keeps optax's structure and dtypes, so a state can move freely
 between this update and the reference step (and checkpoints do not change).
@@ -131,7 +132,8 @@ def _tiled_transpose(a_BxD):
   Fused into its consumers, a transpose reads with a stride of the row length; the
   tiles here are transposed inside a loop whose results XLA cannot fuse away, and the
   moments' updates then read the block contiguously (measured 1.7x faster than the
-  fused transpose for [512, 768] blocks).
+  fused transpose for [512, 768] blocks). ``sparse._materialised_transpose`` tiles
+  the other axis, which is faster for whole matrices and slower here.
   """
   b, d = a_BxD.shape
   tile = TILE if d % TILE == 0 else d

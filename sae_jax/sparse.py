@@ -118,7 +118,9 @@ def _materialised_transpose(a_FxD):
   cost about four times one transpose at f=32768 (and XLA:CPU drops
   ``optimization_barrier``). The blocks are transposed inside a loop, whose results
   cannot be fused away; consumers then read the stacked ``[f / blk, d, blk]`` blocks in
-  contiguous runs of ``blk`` values.
+  contiguous runs of ``blk`` values. (``fused_adam._tiled_transpose`` tiles the other
+  axis: for its [512, 768] blocks that measured 123 ms a step against 139 ms with this
+  tiling, while for a whole [32768, 768] matrix this one takes 82 ms against 171 ms.)
   """
   f, d = a_FxD.shape
   blk = _TRANSPOSE_BLOCK if f % _TRANSPOSE_BLOCK == 0 else f
@@ -192,9 +194,10 @@ def encoder_grads(x: Float[Array, "b d"], W_enc: Float[Array, "d f"],
                   dpre: Float[Array, "n"]) -> tuple[Array, Array, Array]:
   """Encoder gradients for a pre-activation cotangent that is non-zero only at triples.
 
-  With ``pre = (x - b_dec) @ W_enc + b_enc`` and ``dpre`` given at the distinct
-  ``(rows, cols)``: ``dW_enc.T[c] += dpre * (x[r] - b_dec)`` (a scatter of ``n``
-  contiguous ``d``-rows), ``db_enc[c] += dpre`` and ``db_dec = -W_enc db_enc``.
+  With ``pre = (x - b_dec) @ W_enc + b_enc`` and ``dpre`` given at ``(rows, cols)``:
+  ``dW_enc.T[c] += dpre * (x[r] - b_dec)`` (a scatter of ``n`` contiguous ``d``-rows),
+  ``db_enc[c] += dpre`` and ``db_dec = -W_enc db_enc``. Pairs may repeat (e.g. a main
+  and an auxiliary selection concatenated): their contributions add up.
 
   Returns:
     ``(dW_enc_FxD, db_enc, db_dec)``; the weight gradient in the transposed ``[f, d]``

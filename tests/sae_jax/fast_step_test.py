@@ -9,6 +9,7 @@ import numpy as np
 from absl.testing import absltest
 from absl.testing import parameterized
 
+from sae_jax import chunked_select
 from sae_jax import fast_step
 from sae_jax import metrics
 from sae_jax import model
@@ -133,7 +134,7 @@ class FastStepMatchesReferenceTest(parameterized.TestCase):
       zeros = jnp.zeros((n,), jnp.int32)
       return fast_step.Selection(zeros, zeros, jnp.zeros((n,), W_enc.dtype),
                                  jnp.ones((n,), bool))
-    return absltest.mock.patch.object(fast_step, "_mutual_choice_exact", wrong)
+    return absltest.mock.patch.object(chunked_select, "_mutual_choice_exact", wrong)
 
   def _fresh_select_mask(self, params, x, cfg, chunk=CHUNK):
     sel, _ = jax.jit(lambda p, v: fast_step.select(p, v, cfg, chunk_tokens=chunk))(params, x)
@@ -185,7 +186,7 @@ class FastStepMatchesReferenceTest(parameterized.TestCase):
     cfg, tcfg = _configs("mutual_choice")
     x = _batches(1, seed=7)[0].at[5].multiply(100.0)
     state = train.init_train_state(jax.random.key(0), cfg, tcfg, x)
-    with absltest.mock.patch.object(fast_step, "EXACT_BLOCK_ENTRIES", 3 * F):
+    with absltest.mock.patch.object(chunked_select, "EXACT_BLOCK_ENTRIES", 3 * F):
       for inputs in (x, jnp.ones_like(x)):  # one row's excess; all entries tied
         # A fresh trace, so the patched block size is the one compiled.
         sel, _ = jax.jit(lambda p, v: fast_step.select(p, v, cfg, chunk_tokens=CHUNK))(

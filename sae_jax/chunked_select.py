@@ -1,0 +1,340 @@
+"""Chunked selection of the sparse training step: the kept entries as flat triples.
+
+:func:`select` runs the encoder over chunks of tokens and reduces each chunk at once to
+the allocation's candidates (the row top-k for TopK, the per-row proposals of Mutual
+Choice, the per-column top tokens for Feature Choice, and the auxiliary top-k), so
+peak memory holds one chunk of pre-activations, never the ``[b, f]`` matrix. The
+candidates then become a :class:`Selection` of static length whose kept entries equal
+the dense path's (ties included). Mutual Choice offers ``4k`` proposals per token;
+tokens that claim all of theirs are recomputed (up to one chunk of them) with ``16k``,
+and only if one claims all of those too does an exact threshold search over recomputed
+chunks run (~34 encoder passes).
+
+:mod:`sae_jax.fast_step` builds the loss, gradients and update on these triples.
+
+References:
+  Gao et al. 2024, "Scaling and evaluating sparse autoencoders", arXiv 2406.04093;
+  Ayonrinde 2024, "Adaptive Sparse Allocation with Mutual Choice & Feature Choice Sparse
+  Autoencoders", arXiv 2411.02124.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jaxtyping import Array, Bool, Float, Int
+
+from sae_jax import allocation
+from sae_jax import fast_select
+from sae_jax import model
+from sae_jax import params as sae_params
+
+FAST_ALLOCATIONS = ("topk", "batch_topk", "mutual_choice", "feature_choice")
+DEFAULT_CHUNK_TOKENS = 512
+# Entries per block when the exact Mutual Choice fallback collects a chunk's winners.
+EXACT_BLOCK_ENTRIES = 1 << 20
+
+
+class Selection(NamedTuple):
+  """Selected entries as flat triples of static length ``n``.
+
+  Attributes:
+    rows: token of each entry ``[n]`` int32.
+    cols: feature of each entry ``[n]`` int32.
+    pre: pre-activation of each entry ``[n]`` (raw, before any ReLU).
+    valid: ``[n]`` bool; False marks padding (Feature Choice columns below the widest
+      capacity). Valid ``(rows, cols)`` pairs are distinct.
+  """
+
+  rows: Int[Array, "n"]
+  cols: Int[Array, "n"]
+  pre: Float[Array, "n"]
+  valid: Bool[Array, "n"]
+
+
+def supports(cfg: model.SAEConfig) -> bool:
+  """Whether :func:`fast_train_step` runs this configuration (allocation and dtypes)."""
+  return (cfg.allocation in FAST_ALLOCATIONS and cfg.dtype == jnp.float32
+          and cfg.param_dtype == jnp.float32)
+
+
+def check_fast_config(cfg: model.SAEConfig, batch_size: int, chunk_tokens: int) -> int:
+  """Validates what the fast step supports; returns the chunk size it will use.
+
+  The chunk is the largest divisor of ``batch_size`` not above ``chunk_tokens``.
+  """
+  if cfg.allocation not in FAST_ALLOCATIONS:
+    raise ValueError(f"cfg.allocation must be one of {FAST_ALLOCATIONS} for the fast step; "
+                     f"got {cfg.allocation!r}. Use train.train_step for the others.")
+  for name in ("dtype", "param_dtype"):
+    if getattr(cfg, name) != jnp.float32:
+      raise ValueError(f"cfg.{name} must be float32 for the fast step; got "
+                       f"{getattr(cfg, name)}. Use train.train_step for other dtypes.")
+  if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+    raise ValueError(f"chunk_tokens must be a static int >= 1; got {chunk_tokens!r}.")
+  return max(c for c in range(1, min(chunk_tokens, batch_size) + 1) if batch_size % c == 0)
+
+
+def _chunk_pre(centred_CxD, W_enc, b_enc):
+  return centred_CxD @ W_enc + b_enc
+
+
+def _scores(pre, cfg: model.SAEConfig):
+  return jax.nn.relu(pre) if cfg.select_on == "relu" else pre
+
+
+def _aux_scores(pre, candidates_F, weights_F):
+  scores = pre if weights_F is None else pre * weights_F[None, :]
+  return jnp.where(candidates_F[None, :], scores, -jnp.inf)
+
+
+def _flat_rows(b: int, k: int) -> Array:
+  return jnp.repeat(jnp.arange(b, dtype=jnp.int32), k)
+
+
+def _mutual_choice_exact(centred_NxCxD, W_enc, b_enc, n: int, cfg) -> Selection:
+  """Exact flat Mutual Choice by a threshold search over recomputed chunks.
+
+  Memory stays at one chunk; the cost is about 34 encoder passes, so it only runs when
+  the per-row candidates cannot be shown exact.
+  """
+  nc, bc, _ = centred_NxCxD.shape
+  f = W_enc.shape[1]
+
+  def chunk(c):
+    pre = _chunk_pre(centred_NxCxD[c], W_enc, b_enc)
+    return fast_select.sortable_key(_scores(pre, cfg)), pre
+
+  def count(pred):
+    return lax.fori_loop(0, nc, lambda c, acc: acc + jnp.sum(pred(chunk(c)[0]),
+                                                              dtype=jnp.int32), jnp.int32(0))
+
+  t = fast_select.bisect_uint32(lambda u: count(lambda key: key >= u), n)
+  need = n - count(lambda key: key > t)  # ties at t kept in row-major order
+
+  # Each chunk is collected in blocks of whole rows of at most EXACT_BLOCK_ENTRIES
+  # entries, so the index arithmetic of this rarely taken branch does not add
+  # chunk-sized buffers to the step's peak memory.
+  sub = max(r for r in range(1, bc + 1)
+            if bc % r == 0 and (r == 1 or r * f <= EXACT_BLOCK_ENTRIES))
+  m = min(n, sub * f)
+
+  def body(c, carry):
+    keys, pre = chunk(c)
+    keys, pre = keys.reshape(bc // sub, sub * f), pre.reshape(bc // sub, sub * f)
+
+    def block(j, carry):
+      ties_before, kept_before, rows, cols, pre_out = carry
+      keys_j = keys[j]
+      at = keys_j == t
+      tie_rank = ties_before + jnp.cumsum(at, dtype=jnp.int32)
+      keep = (keys_j > t) | (at & (tie_rank <= need))
+      pos = jnp.nonzero(keep, size=m, fill_value=0)[0].astype(jnp.int32)
+      count_j = jnp.sum(keep, dtype=jnp.int32)
+      slot = jnp.where(jnp.arange(m) < count_j, kept_before + jnp.arange(m), n)
+      rows = rows.at[slot].set(c * bc + j * sub + pos // f, mode="drop")
+      cols = cols.at[slot].set(pos % f, mode="drop")
+      pre_out = pre_out.at[slot].set(pre[j][pos], mode="drop")
+      return (ties_before + jnp.sum(at, dtype=jnp.int32), kept_before + count_j, rows, cols,
+              pre_out)
+
+    return lax.fori_loop(0, bc // sub, block, carry)
+
+  init = (jnp.int32(0), jnp.int32(0), jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.int32),
+          jnp.zeros((n,), W_enc.dtype))
+  _, _, rows, cols, pre = lax.fori_loop(0, nc, body, init)
+  return Selection(rows, cols, pre, jnp.ones((n,), bool))
+
+
+def select(params: sae_params.SAEParams, x: Float[Array, "b d"], cfg: model.SAEConfig, *,
+           chunk_tokens: int = DEFAULT_CHUNK_TOKENS, aux_candidates: Bool[Array, "f"] | None = None,
+           aux_weights: Float[Array, "f"] | None = None, k_aux: int = 0
+           ) -> tuple[Selection, Selection | None]:
+  """The allocation's selection (and the auxiliary top-k) as triples, chunk by chunk.
+
+  The kept entries equal ``model.allocate(model.encode_pre(params, x, cfg), cfg)``
+  (ties to the lower column for TopK, row-major index for Mutual Choice, row for Feature
+  Choice). With ``aux_candidates`` it also returns each token's top-``k_aux`` entries of
+  ``where(aux_candidates, pre * aux_weights, -inf)``, ties to the lower column, as
+  ``lax.top_k`` over the full matrix would.
+
+  Args:
+    params: SAE parameters (no gradient flows through the selection).
+    x: inputs ``[b, d]``.
+    cfg: configuration with an allocation in ``FAST_ALLOCATIONS``.
+    chunk_tokens: static maximum number of tokens per encoder chunk.
+    aux_candidates: optional bool ``[f]`` candidate features of the auxiliary loss.
+    aux_weights: optional ``[f]`` weights of the auxiliary scores.
+    k_aux: static auxiliary top-k, in ``[1, f]`` when ``aux_candidates`` is given.
+
+  Returns:
+    ``(selection, aux_selection or None)``.
+
+  Raises:
+    ValueError: on an unsupported configuration, bad shapes or a bad ``k_aux``.
+  """
+  params = jax.lax.stop_gradient(params)
+  pre_shape_check = jax.eval_shape(lambda p, v: model.encode_pre(p, v, cfg), params, x)
+  b, f = pre_shape_check.shape
+  bc = check_fast_config(cfg, b, chunk_tokens)
+  nc = b // bc
+  use_aux = aux_candidates is not None
+  if use_aux and not (isinstance(k_aux, int) and 1 <= k_aux <= f):
+    raise ValueError(f"k_aux must be a static int in [1, {f}] with aux_candidates; got "
+                     f"{k_aux!r}.")
+  centred_NxCxD = (x.astype(jnp.float32) - params.b_dec).reshape(nc, bc, -1)
+  W_enc, b_enc = params.W_enc, params.b_enc
+  fc = cfg.allocation == "feature_choice"
+  n = allocation.mutual_choice_budget(b, cfg.k)
+  if cfg.allocation == "topk":
+    width = int(cfg.k)
+  elif fc:
+    capacity_F = model.feature_capacities(cfg, b)
+    width = min(int(capacity_F.max()), bc)
+  else:
+    width = min(f, allocation.DEFAULT_CANDIDATE_FACTOR * math.ceil(cfg.k))
+
+  def per_chunk(args):
+    c, centred_CxD = args
+    out = {}
+    pre_CxF = _chunk_pre(centred_CxD, W_enc, b_enc)
+    scores_CxF = _scores(pre_CxF, cfg)
+    if fc:  # per-feature top tokens: a column top-k, run without transposing the chunk
+      vals_FxW, local_FxW = fast_select.cols_topk(scores_CxF, width)
+      feats_FxW = jnp.arange(f, dtype=local_FxW.dtype)[:, None]
+      out["main"] = (vals_FxW, local_FxW + c * bc, pre_CxF[local_FxW, feats_FxW])
+    else:
+      vals_CxW, cols_CxW = fast_select.rows_topk(scores_CxF, width)
+      out["main"] = (vals_CxW, cols_CxW, jnp.take_along_axis(pre_CxF, cols_CxW, axis=1))
+    if use_aux:
+      _, aux_cols = fast_select.rows_topk(_aux_scores(pre_CxF, aux_candidates, aux_weights),
+                                          k_aux)
+      out["aux"] = (aux_cols, jnp.take_along_axis(pre_CxF, aux_cols, axis=1))
+    return out
+
+  outs = lax.map(per_chunk, (jnp.arange(nc, dtype=jnp.int32), centred_NxCxD))
+  vals, idx, pre = outs["main"]
+  if cfg.allocation == "topk":
+    main = Selection(_flat_rows(b, width), idx.reshape(-1), pre.reshape(-1),
+                     jnp.ones((b * width,), bool))
+  elif fc:
+    m = int(capacity_F.max())
+    # Chunks in row order, each column's proposals by value then row: lax.top_k's
+    # lower-position tie rule then picks the lower row, as the dense path does.
+    cand_vals = jnp.moveaxis(vals, 0, 1).reshape(f, nc * width)
+    cand_rows = jnp.moveaxis(idx, 0, 1).reshape(f, nc * width)
+    cand_pre = jnp.moveaxis(pre, 0, 1).reshape(f, nc * width)
+    _, pos_FxM = lax.top_k(cand_vals, m)
+    rows_FxM = jnp.take_along_axis(cand_rows, pos_FxM, axis=1)
+    valid_FxM = np.arange(m)[None, :] < capacity_F[:, None]
+    main = Selection(rows_FxM.reshape(-1).astype(jnp.int32),
+                     jnp.repeat(jnp.arange(f, dtype=jnp.int32), m),
+                     jnp.take_along_axis(cand_pre, pos_FxM, axis=1).reshape(-1),
+                     jnp.asarray(valid_FxM.reshape(-1)))
+  else:
+    main = _mutual_choice_select(vals.reshape(b, width), idx.reshape(b, width),
+                                 pre.reshape(b, width), n, centred_NxCxD, W_enc, b_enc, cfg)
+  aux = None
+  if use_aux:
+    aux_cols, aux_pre = outs["aux"]
+    aux = Selection(_flat_rows(b, k_aux), aux_cols.reshape(-1), aux_pre.reshape(-1),
+                    jnp.ones((b * k_aux,), bool))
+  return main, aux
+
+
+# When a few rows claim all of their per-row proposals (a token that takes more than
+# 4k of the Mutual Choice budget), those rows' pre-activations are recomputed, up to one
+# chunk of rows at once, and offered with this many times more proposals before the
+# exact (but ~34 encoder passes) search is used.
+EXPAND_FACTOR = 4
+
+
+def _mutual_choice_select(vals_BxC, cols_BxC, pre_BxC, n, centred_NxCxD, W_enc, b_enc,
+                          cfg) -> Selection:
+  b, cap = vals_BxC.shape
+  _, bc, d = centred_NxCxD.shape
+  f = W_enc.shape[1]
+  exact = lambda: _mutual_choice_exact(centred_NxCxD, W_enc, b_enc, n, cfg)
+  if cap >= f or b * cap <= n:
+    return exact()
+  # Rows in order, each row's proposals by value then column: among equal values this
+  # is the row-major order, so the flat tie rule carries over.
+  keep = fast_select.select_top_n_flat(vals_BxC.reshape(-1), n)
+  saturated_B = jnp.all(keep.reshape(b, cap), axis=1)
+  n_saturated = jnp.sum(saturated_B, dtype=jnp.int32)
+  pos = jnp.nonzero(keep, size=n, fill_value=0)[0].astype(jnp.int32)
+  fast = Selection(pos // cap, cols_BxC.reshape(-1)[pos].astype(jnp.int32),
+                   pre_BxC.reshape(-1)[pos], jnp.ones((n,), bool))
+  wide = min(f, EXPAND_FACTOR * cap)
+
+  def expand():
+    return _mutual_choice_expand(vals_BxC, cols_BxC, pre_BxC, saturated_B, n,
+                                 centred_NxCxD.reshape(b, d), W_enc, b_enc, cfg, bc, wide)
+
+  no_widening = lambda: (fast, jnp.bool_(True))  # the exact search decides
+
+  def second_stage():
+    if wide <= cap:  # the rows cannot be widened (4 * cap >= f is excluded above)
+      return no_widening()
+    return lax.cond(n_saturated <= bc, expand, no_widening)
+
+  sel, need_exact = lax.cond(n_saturated == 0, lambda: (fast, jnp.bool_(False)), second_stage)
+  return lax.cond(need_exact, exact, lambda: sel)
+
+
+def _mutual_choice_expand(vals_BxC, cols_BxC, pre_BxC, saturated_B, n, centred_BxD, W_enc,
+                          b_enc, cfg, rows: int, wide: int) -> tuple[Selection, Array]:
+  """Mutual Choice with the saturated rows' proposals widened to ``wide``.
+
+  Up to ``rows`` saturated rows are recomputed as one chunk-shaped encoder matmul (the
+  same shape as the chunks, so their values are bitwise those of the first pass) and
+  give ``wide`` proposals each; the other rows keep theirs. The n best of the union are
+  exact when no recomputed row is saturated again: a row that was not saturated kept
+  fewer than all of its proposals, and widening other rows only raises the threshold.
+  Ties at the threshold are cut in row-major order from per-row tie counts. Returns
+  ``(selection, still_saturated)``.
+  """
+  b, cap = vals_BxC.shape
+  idx_S = jnp.nonzero(saturated_B, size=rows, fill_value=0)[0].astype(jnp.int32)
+  valid_S = jnp.arange(rows) < jnp.sum(saturated_B, dtype=jnp.int32)
+  pre_SxF = _chunk_pre(centred_BxD[idx_S], W_enc, b_enc)
+  vals_SxW, cols_SxW = fast_select.rows_topk(_scores(pre_SxF, cfg), wide)
+  pre_SxW = jnp.take_along_axis(pre_SxF, cols_SxW, axis=1)
+  # Candidates as order-preserving keys; key 0 (below every score's key) marks the
+  # saturated rows' old proposals and the padding rows, which are never selected.
+  key1 = jnp.where(saturated_B[:, None], jnp.uint32(0), fast_select.sortable_key(vals_BxC))
+  key2 = jnp.where(valid_S[:, None], fast_select.sortable_key(vals_SxW), jnp.uint32(0))
+  t = fast_select.bisect_uint32(
+      lambda u: fast_select.count_at_least(key1, u) + fast_select.count_at_least(key2, u), n)
+  above1, above2 = key1 > t, key2 > t
+  need = n - jnp.sum(above1, dtype=jnp.int32) - jnp.sum(above2, dtype=jnp.int32)
+  at1, at2 = key1 == t, key2 == t
+  # Every row's candidates are in value-then-column order, so within a row the ties come
+  # in column order; across rows they are ranked by the counts of the rows before.
+  ties_B = (jnp.sum(at1, axis=1, dtype=jnp.int32)
+            + jnp.zeros((b,), jnp.int32).at[idx_S].add(
+                jnp.where(valid_S, jnp.sum(at2, axis=1, dtype=jnp.int32), 0)))
+  before_B = jnp.cumsum(ties_B) - ties_B
+  keep1 = above1 | (at1 & (before_B[:, None] + jnp.cumsum(at1, axis=1, dtype=jnp.int32)
+                           <= need))
+  keep2 = valid_S[:, None] & (above2 | (at2 & (
+      before_B[idx_S][:, None] + jnp.cumsum(at2, axis=1, dtype=jnp.int32) <= need)))
+  still_saturated = jnp.any(valid_S & jnp.all(keep2, axis=1))
+  count1 = jnp.sum(keep1, dtype=jnp.int32)
+  pos1 = jnp.nonzero(keep1.reshape(-1), size=n, fill_value=0)[0].astype(jnp.int32)
+  pos2 = jnp.nonzero(keep2.reshape(-1), size=n, fill_value=0)[0].astype(jnp.int32)
+  slot = jnp.arange(n, dtype=jnp.int32)
+  first = slot < count1
+  p2 = pos2[jnp.maximum(slot - count1, 0)]
+  sel = Selection(
+      rows=jnp.where(first, pos1 // cap, idx_S[p2 // wide]),
+      cols=jnp.where(first, cols_BxC.reshape(-1)[pos1], cols_SxW.reshape(-1)[p2]
+                     ).astype(jnp.int32),
+      pre=jnp.where(first, pre_BxC.reshape(-1)[pos1], pre_SxW.reshape(-1)[p2]),
+      valid=jnp.ones((n,), bool))
+  return sel, still_saturated
