@@ -15,7 +15,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, PyTree
+from jaxtyping import Array, Bool, Float, PRNGKeyArray, PyTree
 
 from pruning_jax import masks as masks_lib
 from pruning_jax import scoring
@@ -26,6 +26,12 @@ Scores = PyTree[Float[Array, "..."]]
 
 DEFAULT_RATE = 0.2
 DEFAULT_AP_RATE = 0.02
+
+# How the q share is chosen among the host's survivors. "least_moved" is AP; the other
+# two are controls that keep AP's budget and change only its choice of weights.
+SELECTIONS = ("least_moved", "most_negative", "random")
+
+ScopeFn = Callable[[str], bool]
 
 
 class CycleInfo(NamedTuple):
@@ -82,7 +88,49 @@ def ap_scores(params_end: Params, params_start: Params,
   return _map_with_masks(_ap_leaf, masks, params_end, params_start)
 
 
-_ap_scores_jit = jax.jit(ap_scores)
+def _most_negative_leaf(m, end, start):
+  del start
+  if m is None:
+    return jnp.full(jnp.shape(end), jnp.inf, jnp.result_type(end, jnp.float32))
+  return jnp.where(m & (end < 0), end, jnp.inf)
+
+
+def most_negative_scores(params_end: Params, params_start: Params,
+                         masks: Masks) -> Scores:
+  """Control for AP: the same candidates (negative survivors) ranked by value.
+
+  The most negative candidates score lowest and are removed first; non-candidates
+  score +inf. Removing them instead of AP's least-moved ones tests whether AP's
+  gain comes from its |delta w| criterion or merely from removing negative weights.
+  """
+  return _map_with_masks(_most_negative_leaf, masks, params_end, params_start)
+
+
+def random_survivor_scores(key: PRNGKeyArray, params_end: Params,
+                           masks: Masks) -> Scores:
+  """Control for AP: uniform random scores on every survivor, +inf elsewhere.
+
+  Every unpruned prunable weight is a candidate, negative or not, so removing the
+  lowest q of these is the host's p - q plus q random survivors.
+  """
+  leaves, treedef = jax.tree.flatten(params_end)
+  keys = jax.tree.unflatten(treedef, list(jax.random.split(key, len(leaves))))
+
+  def leaf(m, end, k):
+    if m is None:
+      return jnp.full(jnp.shape(end), jnp.inf, jnp.float32)
+    return jnp.where(m, jax.random.uniform(k, jnp.shape(end)), jnp.inf)
+
+  return _map_with_masks(leaf, masks, params_end, keys)
+
+
+def _scoped(masks: Masks, scope: ScopeFn | None) -> Masks:
+  """Masks with every leaf outside `scope` (a predicate on the path) set to None."""
+  if scope is None:
+    return masks
+  return jax.tree_util.tree_map_with_path(
+      lambda path, m: m if m is not None and scope(masks_lib.path_str(path)) else None,
+      masks, is_leaf=lambda x: x is None)
 
 
 @jax.jit
@@ -98,6 +146,11 @@ def num_ap_candidates(params_end: Params, masks: Masks) -> int:
   return int(_count_candidates(params_end, masks))
 
 
+_SCORE_FNS = {"least_moved": jax.jit(ap_scores),
+              "most_negative": jax.jit(most_negative_scores)}
+_random_scores_jit = jax.jit(random_survivor_scores)
+
+
 def _check_count(name: str, value: Any, upper: int) -> int:
   if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
       or not 0 <= value <= upper):
@@ -106,22 +159,45 @@ def _check_count(name: str, value: Any, upper: int) -> int:
   return int(value)
 
 
-def _ap_prune_counted(params_end, params_start, masks, n_remove):
+def _ap_prune_counted(params_end, params_start, masks, n_remove, *,
+                      selection: str = "least_moved", scope: ScopeFn | None = None,
+                      key: PRNGKeyArray | None = None):
   n_remove = _check_count("n_remove", n_remove,
                           int(masks_lib.num_remaining(masks)))
-  n_take = min(n_remove, num_ap_candidates(params_end, masks))
+  check_selection(selection, key)
+  eligible = _scoped(masks, scope)
+  if selection == "random":
+    n_candidates = int(masks_lib.num_remaining(eligible))
+  else:
+    n_candidates = num_ap_candidates(params_end, eligible)
+  n_take = min(n_remove, n_candidates)
   if n_take == 0:
     return masks, 0
-  scores = _ap_scores_jit(params_end, params_start, masks)
+  if selection == "random":
+    scores = _random_scores_jit(key, params_end, eligible)
+  else:
+    scores = _SCORE_FNS[selection](params_end, params_start, eligible)
+  # Leaves outside the scope scored +inf, so pruning against the full masks only
+  # ever removes eligible weights.
   return masks_lib.prune_lowest(scores, masks, n_take), n_take
 
 
+def check_selection(selection: str, key: PRNGKeyArray | None = None) -> None:
+  """Validates an AP selection name (and that "random" comes with a key)."""
+  if selection not in SELECTIONS:
+    raise ValueError(f"ap_selection must be one of {SELECTIONS}, got {selection!r}.")
+  if selection == "random" and key is None:
+    raise ValueError('ap_selection="random" needs ap_key, a jax.random key.')
+
+
 def ap_prune(params_end: Params, params_start: Params, masks: Masks,
-             n_remove: int) -> Masks:
+             n_remove: int, *, selection: str = "least_moved",
+             scope: ScopeFn | None = None,
+             key: PRNGKeyArray | None = None) -> Masks:
   """Removes the ``n_remove`` AP candidates with the smallest |delta w|.
 
   Ties go to the lower (leaf order, flat index) position. If fewer than
-  ``n_remove`` negative candidates exist, all of them are removed and a
+  ``n_remove`` candidates exist, all of them are removed and a
   ``UserWarning`` reports the shortfall (:func:`prune_cycle` instead hands
   the shortfall to the host and records it in :class:`CycleInfo`).
 
@@ -130,18 +206,23 @@ def ap_prune(params_end: Params, params_start: Params, masks: Masks,
     params_start: weights at the start of the cycle's training.
     masks: current masks.
     n_remove: int in [0, num_remaining(masks)].
+    selection: "least_moved" (AP), or the controls "most_negative" and "random"
+      (see :func:`prune_cycle`).
+    scope: predicate on a leaf's path; only leaves where it holds lose weights.
+    key: PRNG key, required by ``selection="random"``.
 
   Returns:
-    Masks with ``min(n_remove, num_ap_candidates)`` fewer unpruned entries.
+    Masks with ``min(n_remove, candidates)`` fewer unpruned entries.
 
   References:
     Liu, Ghosh, Tan, Motani (2023, TMLR), arXiv:2212.06145.
   """
   new_masks, removed = _ap_prune_counted(params_end, params_start, masks,
-                                         n_remove)
+                                         n_remove, selection=selection,
+                                         scope=scope, key=key)
   if removed < n_remove:
     warnings.warn(
-        f"AP asked to remove {n_remove} weights but only {removed} negative "
+        f"AP asked to remove {n_remove} weights but only {removed} "
         f"candidates remain; shortfall {n_remove - removed}.", stacklevel=2)
   return new_masks
 
@@ -179,6 +260,8 @@ def cycle_counts(n_remaining: int, rate: float = DEFAULT_RATE,
 def prune_cycle(method: str, params_end: Params, params_start: Params,
                 masks: Masks, *, rate: float = DEFAULT_RATE,
                 ap_rate: float | None = DEFAULT_AP_RATE,
+                ap_selection: str = "least_moved", ap_scope: ScopeFn | None = None,
+                ap_key: PRNGKeyArray | None = None,
                 **host_kwargs: Any) -> tuple[Masks, CycleInfo]:
   """One pruning cycle: host method, then AP among the survivors.
 
@@ -198,6 +281,13 @@ def prune_cycle(method: str, params_end: Params, params_start: Params,
     masks: current masks.
     rate: per-cycle pruning fraction p of the remaining weights, in (0, 1).
     ap_rate: AP's share q, ``None``/0 or in (0, rate].
+    ap_selection: how the q share is chosen: "least_moved" (AP), or the controls
+      "most_negative" (the most negative survivors) and "random" (uniformly random
+      survivors, negative or not; needs ``ap_key``).
+    ap_scope: predicate on a weight's path ("hidden/1/kernel"); AP only removes
+      weights of leaves where it is True (None: every prunable leaf). Used for the
+      AP variant restricted to layers whose inputs come from a ReLU.
+    ap_key: PRNG key of the "random" control.
     **host_kwargs: passed to :func:`pruning_jax.scoring.host_prune`.
 
   Returns:
@@ -206,10 +296,13 @@ def prune_cycle(method: str, params_end: Params, params_start: Params,
   References:
     Liu, Ghosh, Tan, Motani (2023, TMLR), arXiv:2212.06145.
   """
+  check_selection(ap_selection, ap_key)
   n_rem = int(masks_lib.num_remaining(masks))
   n_host, n_ap = cycle_counts(n_rem, rate, ap_rate)
   masks = scoring.host_prune(method, params_end, masks, n_host, **host_kwargs)
-  masks, ap_removed = _ap_prune_counted(params_end, params_start, masks, n_ap)
+  masks, ap_removed = _ap_prune_counted(params_end, params_start, masks, n_ap,
+                                        selection=ap_selection, scope=ap_scope,
+                                        key=ap_key)
   shortfall = n_ap - ap_removed
   if shortfall:
     masks = scoring.host_prune(method, params_end, masks, shortfall,

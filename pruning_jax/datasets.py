@@ -369,6 +369,24 @@ def _load_cifar(name: str, dirs: Sequence[str]) -> Dataset:
                  *channel_stats(train_images), class_names, source)
 
 
+def pad_images(data: Dataset, size: int) -> Dataset:
+  """The dataset with every image zero-padded (centred) to `size` x `size`.
+
+  Fashion-MNIST's 28x28 images padded to 32x32 fit the CIFAR ResNets unchanged. Padding
+  pixels are 0 (black, the images' background); the normalisation constants are
+  recomputed over the padded training images.
+  """
+  h, w = data.train_images.shape[1:3]
+  if isinstance(size, bool) or not isinstance(size, int) or size < max(h, w):
+    raise ValueError(f"size must be an int >= the image size {max(h, w)}, got {size!r}.")
+  top, left = (size - h) // 2, (size - w) // 2
+  widths = ((0, 0), (top, size - h - top), (left, size - w - left), (0, 0))
+  train = np.pad(data.train_images, widths)
+  test = np.pad(data.test_images, widths)
+  mean, std = channel_stats(train)
+  return data._replace(train_images=train, test_images=test, mean=mean, std=std)
+
+
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
   """Loads a dataset's train and test splits from its official files.
 

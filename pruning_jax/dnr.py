@@ -1,7 +1,8 @@
 """Dynamic dead neuron rate (DNR): how many ReLU outputs are exactly zero.
 
-Pruning raises the share of ReLU outputs that are exactly zero for a given
-input; AP uses this dynamic dead neuron rate to decide when to de-sparsify.
+The public name is `dynamic_dead_neuron_rate`: "DNR" also names "dying neuron
+reactivation" in other work. Pruning changes the share of ReLU outputs that
+are exactly zero for a given input; AP de-sparsifies pruned networks to lower it.
 The functions here read the `acts` dict a model returns with
 `return_activations=True` ({layer name: ReLU output [b, ...]}) and are pure
 and jittable: everything is computed on device in float32.
@@ -26,6 +27,10 @@ subnormal floats to zero (XLA on CPU does), subnormal outputs count as zero too.
 Samples can be weighted by an optional `weights` [b] argument; weight 0
 masks padded samples out of every statistic, including the fired-ever
 records. Averages over no sample of positive weight are NaN.
+
+For GELU/SiLU networks (the ViT with activation="gelu") pass `threshold`: an
+output counts as dead when it is <= threshold, which with threshold 0 is a
+non-positive pre-activation.
 """
 
 from collections.abc import Mapping
@@ -127,9 +132,10 @@ def _ratio(num: Array, den: Array) -> Array:
   return jnp.where(den > 0, num / safe, jnp.nan)
 
 
-def _layer_stats(act: Array, valid_B: Bool[Array, "b"]):
-  """Per-sample zero fractions and fired-ever records of one layer."""
-  zero = act == 0
+def _layer_stats(act: Array, valid_B: Bool[Array, "b"], threshold: float):
+  """Per-sample dead fractions and fired-ever records of one layer."""
+  # For ReLU outputs (never negative) and threshold 0 this is exactly `act == 0`.
+  zero = act <= threshold
   unit_axes = tuple(range(1, act.ndim))
   valid = valid_B.reshape((-1,) + (1,) * (act.ndim - 1))
   zeros_B = jnp.sum(zero, axis=unit_axes, dtype=jnp.float32)
@@ -144,8 +150,8 @@ def _layer_stats(act: Array, valid_B: Bool[Array, "b"]):
   return zeros_B, dead_B, fired, fired_channel
 
 
-def _batch_sums(acts, weights):
-  """Weighted per-layer sums shared by `dnr_batch` and `dnr_update`."""
+def _batch_sums(acts, weights, threshold):
+  """Weighted per-layer sums shared by `dynamic_dead_neuron_rate` and `dnr_update`."""
   batch = _check_acts(acts, "acts")
   w_B = _check_weights(weights, batch)
   valid_B = w_B > 0
@@ -154,7 +160,7 @@ def _batch_sums(acts, weights):
   dead_B = jnp.zeros((batch,), jnp.float32)
   units = channels = 0
   for name, act in acts.items():
-    layer_zeros_B, layer_dead_B, fired, fired_channel = _layer_stats(act, valid_B)
+    layer_zeros_B, layer_dead_B, fired, fired_channel = _layer_stats(act, valid_B, threshold)
     layer_units = fired.size
     layer_channels = fired_channel.size
     out["dnr_sum"][name] = jnp.sum(w_B * layer_zeros_B / layer_units)
@@ -168,16 +174,22 @@ def _batch_sums(acts, weights):
   return out, w_B, zeros_B / units, dead_B / channels
 
 
-def dnr_batch(
+def dynamic_dead_neuron_rate(
     acts: Mapping[str, Float[Array, "b ..."]],
     weights: Float[Array, "b"] | None = None,
+    *,
+    threshold: float = 0.0,
 ) -> DNRBatch:
-  """Element and channel DNR of one batch, per layer and network-wide.
+  """Element and channel dynamic dead neuron rate of one batch, per layer and overall.
 
   Args:
     acts: {layer name: ReLU output [b, f], [b, t, f] or [b, h, w, c]}.
     weights: optional per-sample weights [b]; 0 masks a (padded) sample.
       Weights must be non-negative.
+    threshold: an output counts as dead when it is <= threshold. 0 gives the
+      paper's rate for ReLU (output exactly 0) and, for GELU or SiLU, counts
+      units whose pre-activation is <= 0 (both map exactly those to outputs
+      <= 0); a small positive value also counts near-silent units.
 
   Returns:
     A `DNRBatch`; averages are NaN when no weight is positive.
@@ -190,7 +202,8 @@ def dnr_batch(
     Liu, Ghosh, Tan & Motani, 2023, "AP: Selective Activation for
     De-sparsifying Pruned Neural Networks", TMLR, arXiv 2212.06145.
   """
-  sums, w_B, per_sample_B, per_sample_channel_B = _batch_sums(acts, weights)
+  sums, w_B, per_sample_B, per_sample_channel_B = _batch_sums(acts, weights,
+                                                              threshold)
   total = jnp.sum(w_B)
   return DNRBatch(
       dnr=_ratio(jnp.sum(w_B * per_sample_B), total),
@@ -241,6 +254,8 @@ def dnr_update(
     state: DNRState,
     acts: Mapping[str, Float[Array, "b ..."]],
     weights: Float[Array, "b"] | None = None,
+    *,
+    threshold: float = 0.0,
 ) -> DNRState:
   """Adds one batch to the running statistics.
 
@@ -252,13 +267,15 @@ def dnr_update(
     acts: {layer name: ReLU output [b, ...]} with the layers and per-sample
       shapes `state` was initialised with.
     weights: optional non-negative per-sample weights [b]; 0 masks a sample.
+    threshold: outputs <= threshold count as dead (see
+      `dynamic_dead_neuron_rate`).
 
   Returns:
     The updated `DNRState`.
 
   Raises:
     ValueError: at trace time for layers or per-sample shapes that differ
-      from the state's, or any problem `dnr_batch` rejects.
+      from the state's, or any problem `dynamic_dead_neuron_rate` rejects.
 
   References:
     Liu, Ghosh, Tan & Motani, 2023, arXiv 2212.06145.
@@ -275,7 +292,7 @@ def dnr_update(
           f"acts[{name!r}] has per-sample shape {tuple(act.shape[1:])}, the"
           f" state expects {tuple(state.fired[name].shape)}"
       )
-  sums, w_B, _, _ = _batch_sums(acts, weights)
+  sums, w_B, _, _ = _batch_sums(acts, weights, threshold)
   total = jnp.sum(w_B)
   return DNRState(
       dnr_sum={k: state.dnr_sum[k] + sums["dnr_sum"][k] for k in state.dnr_sum},

@@ -11,12 +11,15 @@ start, every `save_every_steps` steps and at each round's end (before pruning, w
 replayed on resume). A run killed anywhere and restarted continues from the newest one
 and ends bitwise equal to an uninterrupted run: every random choice is a pure function
 of seed, round and step, and lines logged after that checkpoint are dropped. Metrics go
-to `out_dir/metrics.jsonl`, one JSON object of "kind" "epoch", "eval" or "prune" a line.
+to `out_dir/metrics.jsonl`, one JSON object of "kind" "epoch", "time" (a round's training
+wall time), "eval" or "prune" a line.
 """
 
 from collections.abc import Callable, Sequence
 import dataclasses
+import functools
 import os
+import time
 from typing import Any, NamedTuple
 
 from flax import nnx
@@ -39,12 +42,14 @@ from pruning_jax import scoring
 from pruning_jax import train as train_lib
 
 # Settings round 0 does not depend on (runs may share it), and those a resume may change.
-_ROUND0_FREE = ("method", "ap_rate", "synflow_iterations", "data_dir", "save_every_steps",
-                "keep_checkpoints")
+_ROUND0_FREE = ("method", "ap_rate", "ap_selection", "ap_scope", "synflow_iterations",
+                "data_dir", "save_every_steps", "keep_checkpoints")
 _RESUME_FREE = ("data_dir",)
 _INTS = (("cycles", 0), ("seed", 0), ("train_subset", 0), ("test_subset", 0),
          ("eval_batch_size", 1), ("num_devices", 1), ("save_every_steps", 0),
-         ("keep_checkpoints", 1), ("synflow_iterations", 1), ("score_batch_size", 1))
+         ("keep_checkpoints", 1), ("synflow_iterations", 1), ("score_batch_size", 1),
+         ("bn_recalibration_batches", 0))
+AP_SCOPES = ("all", "relu_fed")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -62,6 +67,11 @@ class RoundsConfig:
     method: host pruning method, one of `pruning_jax.scoring.METHODS`.
     rate: fraction p of the remaining weights pruned per cycle.
     ap_rate: AP's share q of it; None or 0 prunes with the host alone.
+    ap_selection: how the q share is chosen, one of `ap.SELECTIONS`: AP's
+      "least_moved", or the controls "most_negative" and "random".
+    ap_scope: "all" prunable layers, or "relu_fed": only layers whose inputs are
+      ReLU outputs (the model's `relu_fed`), the AP variant that respects its
+      premise of non-negative inputs.
     cycles: pruning cycles; `cycles + 1` rounds are trained.
     rewind_step: rewind to the weights after this many steps of round 0 (0: to
       initialisation); later rounds resume the schedule at this step.
@@ -74,6 +84,11 @@ class RoundsConfig:
     keep_checkpoints: newest checkpoints kept.
     synflow_iterations: SynFlow score-and-prune iterations per cycle.
     score_batch_size: samples of the batch SNIP and GraSP score on.
+    eval_every_epoch: also evaluate on the test set after every epoch (the
+      per-cycle curves that show whether a cycle trained to a plateau).
+    bn_recalibration_batches: with BatchNorm, also evaluate every round after
+      re-estimating the running statistics from this many training batches
+      (0: off), a control for methods that claim to repair pruned networks.
   """
 
   model: str = "lenet300100"
@@ -95,6 +110,10 @@ class RoundsConfig:
   keep_checkpoints: int = 2
   synflow_iterations: int = 1
   score_batch_size: int = 256
+  ap_selection: str = "least_moved"
+  ap_scope: str = "all"
+  eval_every_epoch: bool = False
+  bn_recalibration_batches: int = 0
 
   def __post_init__(self):
     if isinstance(self.train, dict):
@@ -105,6 +124,11 @@ class RoundsConfig:
     if self.method not in scoring.METHODS:
       raise ValueError(f"method must be one of {scoring.METHODS}, got {self.method!r}.")
     imp.IMPConfig(rate=self.rate, ap_rate=self.ap_rate, rewind_step=self.rewind_step)
+    if self.ap_selection not in ap.SELECTIONS:
+      raise ValueError(f"ap_selection must be one of {ap.SELECTIONS}, got "
+                       f"{self.ap_selection!r}.")
+    if self.ap_scope not in AP_SCOPES:
+      raise ValueError(f"ap_scope must be one of {AP_SCOPES}, got {self.ap_scope!r}.")
     for name, low in _INTS:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -179,6 +203,9 @@ class _Run:
     model = models.build_model(config.model, num_classes=ds.num_classes,
                                input_shape=self.input_shape, rngs=nnx.Rngs(config.seed))
     graphdef, init_params, init_bs = train_lib.split_model(model)
+    self.relu_fed = model.relu_fed
+    self.stats_fn = jax.jit(functools.partial(train_lib.batch_statistics, graphdef=graphdef,
+                                              mean=ds.mean, std=ds.std))
     self.act_shapes = models.activation_shapes(model)
     masks = masks_lib.init_masks(init_params)
     self.steps = train_lib.compile_steps(graphdef, config.train, self.spe, self.mesh,
@@ -279,6 +306,9 @@ class _Run:
                 "train_loss": float(s["loss"]), "train_accuracy": float(s["accuracy"]),
                 "learning_rate": float(metrics["learning_rate"]),
                 **{k: float(s[k]) for k in ("dnr", "dnr_channel", "dnr_static")}}
+        if cfg.eval_every_epoch:
+          test = self.test_metrics(self.state.batch_stats)
+          line.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
         bar.set_postfix(epoch=line["epoch"], loss=f"{line['train_loss']:.3f}",
                         acc=f"{line['train_accuracy']:.3f}", dnr=f"{line['dnr']:.3f}")
         self.metrics.append(line)
@@ -286,17 +316,30 @@ class _Run:
         self.save()
     bar.close()
 
+  def test_metrics(self, batch_stats: PyTree) -> dict[str, float]:
+    return train_lib.evaluate(self.steps.eval, self.state.params, batch_stats,
+                              self.ds.test_images, self.ds.test_labels,
+                              batch_size=self.config.eval_batch_size,
+                              act_shapes=self.act_shapes, mesh=self.mesh)
+
   def evaluate(self) -> dict[str, Any]:
-    s = train_lib.evaluate(self.steps.eval, self.state.params, self.state.batch_stats,
-                           self.ds.test_images, self.ds.test_labels,
-                           batch_size=self.config.eval_batch_size,
-                           act_shapes=self.act_shapes, mesh=self.mesh)
+    s = self.test_metrics(self.state.batch_stats)
     out = {"kind": "eval", "round": self.round, "sparsity": self.sparsity(),
-           "test_loss": s["loss"], "test_accuracy": s["accuracy"]}
+           "test_loss": s["loss"], "test_accuracy": s["accuracy"],
+           "layer_sparsity": masks_lib.layer_sparsities(self.masks())}
     for key in ("dnr", "dnr_channel", "dnr_static", "dnr_static_channel"):
       out[key] = s[key]
       out["layer_" + key] = {k.split("/", 1)[1]: v for k, v in s.items()
                              if k.startswith(key + "/")}
+    n_batches = self.config.bn_recalibration_batches
+    if n_batches and jax.tree.leaves(self.state.batch_stats):
+      stats = train_lib.recalibrate_batch_stats(
+          self.stats_fn, self.state.params, self.state.batch_stats,
+          self.ds.train_images, batch_size=self.config.train.batch_size,
+          num_batches=n_batches)
+      r = self.test_metrics(stats)
+      out.update(test_loss_bn_recal=r["loss"], test_accuracy_bn_recal=r["accuracy"],
+                 dnr_bn_recal=r["dnr"])
     return out
 
   def host_kwargs(self) -> dict[str, Any]:
@@ -318,9 +361,12 @@ class _Run:
 
   def prune_and_rewind(self) -> None:
     cfg = self.config
-    masks, info = ap.prune_cycle(cfg.method, self.state.params, self.kept["start_params"],
-                                 self.masks(), rate=cfg.rate, ap_rate=cfg.ap_rate,
-                                 **self.host_kwargs())
+    masks, info = ap.prune_cycle(
+        cfg.method, self.state.params, self.kept["start_params"], self.masks(),
+        rate=cfg.rate, ap_rate=cfg.ap_rate, ap_selection=cfg.ap_selection,
+        ap_scope=self.relu_fed if cfg.ap_scope == "relu_fed" else None,
+        ap_key=jax.random.fold_in(jax.random.key(cfg.seed + 2), self.round),
+        **self.host_kwargs())
     self.history.append(info)
     params = imp.rewind(self.state.params, self.kept["rewind_params"], masks)
     self.round, self.phase = self.round + 1, "train"
@@ -391,7 +437,12 @@ def run_rounds(config: RoundsConfig, out_dir: str | os.PathLike, *,
   while not (run.phase == "trained" and run.round == config.cycles):
     if run.phase == "trained":
       run.prune_and_rewind()
+    start = time.perf_counter()
     run.train_round()
+    # Wall time of this process's share of the round (all of it unless resumed mid-round),
+    # on a line of its own so the eval lines stay bitwise reproducible.
+    run.metrics.append({"kind": "time", "round": run.round,
+                        "train_seconds": time.perf_counter() - start})
     run.metrics.append(run.evaluate())
     run.phase = "trained"
     run.save()

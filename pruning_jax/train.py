@@ -322,6 +322,66 @@ def evaluate(eval_fn, params: PyTree, batch_stats: PyTree,
   return {k: float(v) for k, v in jax.device_get(summarize(acc.totals, acc.dnr)).items()}
 
 
+def batch_statistics(params: PyTree, batch_stats: PyTree, images: UInt8[Array, "b h w c"],
+                     *, graphdef: nnx.GraphDef, mean: Float[Array, "c"],
+                     std: Float[Array, "c"]) -> PyTree:
+  """BatchNorm statistics of one batch (its per-channel mean and variance).
+
+  The model runs in train mode on running statistics of zero, so each BatchNorm
+  stores (1 - momentum) times the batch statistic; dividing gives the statistic
+  itself whatever the layer's momentum.
+  """
+  zeros = jax.tree.map(jnp.zeros_like, batch_stats)
+  model = nnx.merge(graphdef, params, zeros, copy=True)
+  model(pipeline.normalize(images, jnp.asarray(mean), jnp.asarray(std)), train=True)
+  momenta = {}
+  for path, module in nnx.iter_graph(model):
+    if isinstance(module, nnx.BatchNorm):
+      momenta[tuple(str(p) for p in path)] = module.momentum
+  updated = nnx.state(model, nnx.BatchStat)
+
+  def unscale(path, value):
+    # Path: the module's keys, then "mean" or "var", then the Variable's ".value".
+    names = tuple(str(p.key if isinstance(p, jax.tree_util.DictKey) else p.idx)
+                  for p in path if not isinstance(p, jax.tree_util.GetAttrKey))
+    return value / (1.0 - momenta[names[:-1]])
+
+  return jax.tree_util.tree_map_with_path(unscale, updated)
+
+
+def recalibrate_batch_stats(stats_fn, params: PyTree, batch_stats: PyTree,
+                            images: UInt8[np.ndarray, "n h w c"], *, batch_size: int,
+                            num_batches: int) -> PyTree:
+  """BatchNorm running statistics replaced by their average over training batches.
+
+  After pruning or training, the running averages lag the weights they normalise;
+  re-estimating them from the current weights alone repairs part of the damage, a
+  control for any method that claims to improve pruned BatchNorm networks. Uses the
+  first `num_batches` batches of `batch_size` images, averaging per-batch means and
+  variances with equal weight (PyTorch's cumulative recalibration).
+
+  Args:
+    stats_fn: `jax.jit(functools.partial(batch_statistics, graphdef=, mean=, std=))`.
+    params, batch_stats: the trained model's parameters and running statistics.
+    images: training images, uint8 [n, h, w, c].
+    batch_size, num_batches: how many images enter the estimate.
+
+  Returns:
+    Statistics shaped like `batch_stats` (unchanged for models without BatchNorm).
+  """
+  if not jax.tree.leaves(batch_stats):
+    return batch_stats
+  count = min(num_batches, len(images) // batch_size)
+  if count < 1:
+    raise ValueError(f"recalibration needs at least one batch of batch_size={batch_size} "
+                     f"images, got {len(images)}.")
+  total = None
+  for i in range(count):
+    stats = stats_fn(params, batch_stats, jnp.asarray(images[i * batch_size:(i + 1) * batch_size]))
+    total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+  return jax.tree.map(lambda t: t / count, total)
+
+
 def make_mesh(num_devices: int | None = None) -> Mesh:
   """A 1-D ("data",) mesh over the first `num_devices` devices (all by default)."""
   devices = jax.devices()

@@ -108,6 +108,13 @@ class ConvNet(nnx.Module):
         in_features, self.num_classes, kernel_init=layers.GLOROT_NORMAL, rngs=rngs
     )
 
+  def relu_fed(self, path: str) -> bool:
+    """Whether the weight at `path` reads ReLU outputs (max-pooled or not).
+
+    Only the first convolution reads the (normalised, partly negative) input.
+    """
+    return not path.startswith("convs/0/")
+
   def __call__(
       self,
       x: Float[Array, "b h w c"],

@@ -63,6 +63,14 @@ class MLP(nnx.Module):
         in_features, self.num_classes, kernel_init=layers.GLOROT_NORMAL, rngs=rngs
     )
 
+  def relu_fed(self, path: str) -> bool:
+    """Whether the weight at `path` ("hidden/1/kernel") reads ReLU outputs.
+
+    Only the first layer reads the (normalised, partly negative) input pixels.
+    """
+    first = "hidden/0/" if len(self.hidden) else "head/"
+    return not path.startswith(first)
+
   def __call__(
       self,
       x: Float[Array, "b h w c"],

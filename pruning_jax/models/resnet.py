@@ -153,6 +153,15 @@ class ResNet(nnx.Module):
     )
     self.head = nnx.Linear(in_features, self.num_classes, rngs=rngs)
 
+  def relu_fed(self, path: str) -> bool:
+    """Whether the weight at `path` reads ReLU outputs.
+
+    Every block convolution and projection shortcut reads a block input or a
+    first-conv output, both after a ReLU, and the head reads their average;
+    only the stem reads the (normalised, partly negative) input.
+    """
+    return not path.startswith("stem/")
+
   def __call__(
       self,
       x: Float[Array, "b h w c"],

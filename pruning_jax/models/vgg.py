@@ -98,6 +98,13 @@ class VGG(nnx.Module):
     self.convs = nnx.List(convs)
     self.head = nnx.Linear(in_features, self.num_classes, rngs=rngs)
 
+  def relu_fed(self, path: str) -> bool:
+    """Whether the weight at `path` reads ReLU outputs (max-pooled or not).
+
+    Only the first convolution reads the (normalised, partly negative) input.
+    """
+    return not path.startswith("convs/0/")
+
   def __call__(
       self,
       x: Float[Array, "b h w c"],

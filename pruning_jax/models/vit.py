@@ -176,6 +176,17 @@ class ViT(nnx.Module):
     self.norm = nnx.LayerNorm(dim, rngs=rngs)
     self.head = nnx.Linear(dim, self.num_classes, rngs=rngs)
 
+  def relu_fed(self, path: str) -> bool:
+    """Whether the weight at `path` reads ReLU outputs.
+
+    Only the second MLP layer of each block does, and only with
+    activation="relu"; patch embedding, attention, fc1 and the head read
+    LayerNorm outputs or pixels.
+    """
+    parts = path.split("/")
+    return (self.blocks[0].activation == "relu" and len(parts) > 2
+            and parts[0] == "blocks" and parts[2] == "fc2")
+
   def __call__(
       self,
       x: Float[Array, "b h w c"],

@@ -213,5 +213,91 @@ class PruneCycleTest(parameterized.TestCase):
       ap.prune_cycle(**kwargs)
 
 
+
+def _two_layer():
+  """Two prunable kernels; "b" is the only leaf in the ReLU-input scope below."""
+  end = {"a": {"kernel": _f32([[-0.5, 0.25], [-0.125, 0.75]])},
+         "b": {"kernel": _f32([[-0.25, -1.0], [0.5, -0.0625]])}}
+  start = {"a": {"kernel": _f32([[-0.5, 0.25], [0.0, 0.75]])},
+           "b": {"kernel": _f32([[0.0, -1.5], [0.5, -0.0625]])}}
+  return end, start, masks_lib.init_masks(end)
+
+
+class APControlsTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_most_negative_scores_rank_candidates_by_value(self):
+    end, start, masks = _golden()
+    scores = self.variant(ap.most_negative_scores)(end, start, masks)
+    chex.assert_trees_all_close(scores, {
+        "fc": {"kernel": _f32([[-0.5, _INF, -0.125], [-0.25, _INF, -0.75]]),
+               "bias": _f32([_INF] * 3)}})
+
+  def test_most_negative_removes_the_most_negative_survivors(self):
+    end, start, masks = _golden()
+    new = ap.ap_prune(end, start, masks, 2, selection="most_negative")
+    self.assertEqual(_count(new), 4)
+    # -0.75 at (1,2) and -0.5 at (0,0); AP itself would take (1,0) and (0,0).
+    np.testing.assert_array_equal(new["fc"]["kernel"],
+                                  [[False, True, True], [True, True, False]])
+
+  def test_random_removes_survivors_of_any_sign_and_follows_the_key(self):
+    end, start, masks = _golden()
+    picks = set()
+    for seed in range(12):
+      new = ap.ap_prune(end, start, masks, 1, selection="random", key=jax.random.key(seed))
+      self.assertEqual(_count(new), 5)
+      picks.add(int(np.flatnonzero(~np.asarray(new["fc"]["kernel"]).ravel())[0]))
+      again = ap.ap_prune(end, start, masks, 1, selection="random", key=jax.random.key(seed))
+      np.testing.assert_array_equal(new["fc"]["kernel"], again["fc"]["kernel"])
+    # Positive weights (flat 1 and 4) are eligible too, unlike AP's candidates.
+    self.assertTrue(picks & {1, 4}, picks)
+    self.assertGreater(len(picks), 2)
+
+  def test_random_never_removes_pruned_weights(self):
+    end, start, _ = _golden()
+    masks = _kernel_mask([[True, False, False], [False, False, True]])
+    new = ap.ap_prune(end, start, masks, 2, selection="random", key=jax.random.key(3))
+    self.assertEqual(_count(new), 0)
+
+  def test_random_without_key_is_refused(self):
+    end, start, masks = _golden()
+    with self.assertRaisesRegex(ValueError, "ap_key"):
+      ap.prune_cycle("magnitude", end, start, masks, rate=0.5, ap_rate=0.2,
+                     ap_selection="random")
+
+  def test_unknown_selection_is_refused(self):
+    end, start, masks = _golden()
+    with self.assertRaisesRegex(ValueError, "ap_selection must be one of"):
+      ap.prune_cycle("magnitude", end, start, masks, ap_selection="largest")
+
+  def test_scope_restricts_ap_to_the_chosen_leaves(self):
+    end, start, masks = _two_layer()
+    scope = lambda path: path.startswith("b/")
+    new = ap.ap_prune(end, start, masks, 2, scope=scope)
+    self.assertEqual(_count(new), 6)
+    # Unscoped, AP would take a[0,0] (delta 0) first; scoped, b's two least moved
+    # negatives: b[1,1] (delta 0) and b[0,0] (delta 0.25).
+    np.testing.assert_array_equal(new["a"]["kernel"], np.ones((2, 2), bool))
+    np.testing.assert_array_equal(new["b"]["kernel"], [[False, True], [True, False]])
+
+  def test_scope_shortfall_goes_to_the_host(self):
+    end, start, masks = _two_layer()
+    # Three negative survivors in b; AP's share of 4 finds only those three.
+    new, info = ap.prune_cycle("magnitude", end, start, masks, rate=0.5, ap_rate=0.5,
+                               ap_scope=lambda path: path.startswith("b/"))
+    self.assertEqual((info.ap_removed, info.ap_shortfall, info.host_removed), (3, 1, 1))
+    self.assertEqual(_count(new), 4)
+
+  def test_q_zero_is_the_host_alone(self):
+    end, start, masks = _two_layer()
+    for selection, key in (("least_moved", None), ("random", jax.random.key(0))):
+      new, info = ap.prune_cycle("magnitude", end, start, masks, rate=0.5, ap_rate=0.0,
+                                 ap_selection=selection, ap_key=key)
+      host = scoring.host_prune("magnitude", end, masks, 4)
+      chex.assert_trees_all_equal(new, host)
+      self.assertEqual(info.ap_removed, 0)
+
+
 if __name__ == "__main__":
   absltest.main()

@@ -308,6 +308,28 @@ class RealFashionMnistTest(absltest.TestCase):
     np.testing.assert_allclose(ds.std, [0.3530], atol=5e-5)
 
 
+class PadImagesTest(absltest.TestCase):
+
+  def test_centred_zero_padding_and_recomputed_stats(self):
+    rng = np.random.default_rng(0)
+    images = rng.integers(1, 256, (6, 28, 28, 1), dtype=np.uint8)
+    data = datasets.Dataset(images[:4], np.arange(4, dtype=np.int32), images[4:],
+                            np.arange(2, dtype=np.int32), 10,
+                            *datasets.channel_stats(images[:4]), tuple("abcdefghij"), "t")
+    padded = datasets.pad_images(data, 32)
+    self.assertEqual(padded.train_images.shape, (4, 32, 32, 1))
+    self.assertEqual(padded.test_images.shape, (2, 32, 32, 1))
+    np.testing.assert_array_equal(padded.train_images[:, 2:30, 2:30], images[:4])
+    self.assertEqual(int(padded.train_images[:, :2].max()), 0)
+    self.assertEqual(int(padded.test_images[:, :, 30:].max()), 0)
+    mean, std = datasets.channel_stats(padded.train_images)
+    np.testing.assert_array_equal(padded.mean, mean)
+    np.testing.assert_array_equal(padded.std, std)
+    self.assertLess(float(padded.mean[0]), float(data.mean[0]))
+    with self.assertRaisesRegex(ValueError, "size must be an int >= the image size 28"):
+      datasets.pad_images(data, 27)
+
+
 class ChannelStatsTest(absltest.TestCase):
 
   def test_golden(self):

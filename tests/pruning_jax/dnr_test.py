@@ -86,7 +86,7 @@ class DnrBatchTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_golden_values(self):
-    out = self.variant(dnr.dnr_batch)(_golden_acts())
+    out = self.variant(dnr.dynamic_dead_neuron_rate)(_golden_acts())
     chex.assert_trees_all_close(
         (out.dnr, out.dnr_channel, out.per_sample),
         (np.float32(13 / 24), np.float32(7 / 12),
@@ -109,7 +109,7 @@ class DnrBatchTest(chex.TestCase):
     self.assertEqual(out.dnr.dtype, jnp.float32)
 
   def test_network_rate_is_weighted_by_unit_count(self):
-    out = dnr.dnr_batch(_golden_acts())
+    out = dnr.dynamic_dead_neuron_rate(_golden_acts())
     unweighted = (out.layer_dnr["conv"] + out.layer_dnr["fc"]) / 2
     # 8 conv units and 4 fc units per sample.
     by_units = (8 * out.layer_dnr["conv"] + 4 * out.layer_dnr["fc"]) / 12
@@ -122,7 +122,7 @@ class DnrBatchTest(chex.TestCase):
     # unit. (Subnormals are not used: XLA on CPU flushes them to zero.)
     tiny = np.finfo(np.float32).tiny
     acts = {"fc": jnp.array([[-0.0, tiny, 0.0, 2.0]], jnp.float32)}
-    out = self.variant(dnr.dnr_batch)(acts)
+    out = self.variant(dnr.dynamic_dead_neuron_rate)(acts)
     np.testing.assert_allclose(out.dnr, 0.5)
     np.testing.assert_array_equal(out.fired["fc"], [False, True, False, True])
 
@@ -130,7 +130,7 @@ class DnrBatchTest(chex.TestCase):
   def test_token_layer_channel_rate_equals_element_rate(self):
     # [b=1, t=2, f=2] with 3 zeros of 4.
     acts = {"tok": jnp.array([[[0.0, 0.0], [0.0, 1.0]]])}
-    out = self.variant(dnr.dnr_batch)(acts)
+    out = self.variant(dnr.dynamic_dead_neuron_rate)(acts)
     np.testing.assert_allclose(out.layer_dnr["tok"], 0.75)
     np.testing.assert_allclose(out.layer_dnr_channel["tok"], 0.75)
     chex.assert_shape(out.fired_channel["tok"], (2, 2))
@@ -144,8 +144,8 @@ class DnrBatchTest(chex.TestCase):
         for k, v in acts.items()
     }
     weights = jnp.array([1.0, 1.0, 0.0, 0.0])
-    out = self.variant(dnr.dnr_batch)(padded, weights)
-    ref = dnr.dnr_batch(acts)
+    out = self.variant(dnr.dynamic_dead_neuron_rate)(padded, weights)
+    ref = dnr.dynamic_dead_neuron_rate(acts)
     chex.assert_trees_all_close(
         (out.dnr, out.dnr_channel, out.layer_dnr, out.layer_dnr_channel),
         (ref.dnr, ref.dnr_channel, ref.layer_dnr, ref.layer_dnr_channel),
@@ -157,7 +157,7 @@ class DnrBatchTest(chex.TestCase):
 
   def test_fractional_weights_equal_repetition(self):
     acts = _golden_acts()
-    batch = jax.jit(dnr.dnr_batch)
+    batch = jax.jit(dnr.dynamic_dead_neuron_rate)
     weighted = batch(acts, jnp.array([2.0, 1.0]))
     repeated = batch({k: v[jnp.array([0, 0, 1])] for k, v in acts.items()})
     chex.assert_trees_all_close(
@@ -167,7 +167,7 @@ class DnrBatchTest(chex.TestCase):
     )
 
   def test_no_positive_weight_gives_nan(self):
-    out = dnr.dnr_batch(_golden_acts(), jnp.zeros((2,)))
+    out = dnr.dynamic_dead_neuron_rate(_golden_acts(), jnp.zeros((2,)))
     self.assertTrue(bool(jnp.isnan(out.dnr)))
     self.assertTrue(bool(jnp.isnan(out.layer_dnr_channel["conv"])))
     self.assertFalse(bool(jnp.any(out.fired["conv"])))
@@ -185,7 +185,7 @@ class DnrBatchTest(chex.TestCase):
   )
   def test_bad_acts_raise(self, acts, message):
     with self.assertRaisesRegex(ValueError, message):
-      dnr.dnr_batch(acts)
+      dnr.dynamic_dead_neuron_rate(acts)
 
   @parameterized.named_parameters(
       ("wrong_length", jnp.ones((3,))),
@@ -193,7 +193,7 @@ class DnrBatchTest(chex.TestCase):
   )
   def test_bad_weights_raise(self, weights):
     with self.assertRaisesRegex(ValueError, r"weights must have shape \(b,\) = \(2,\)"):
-      jax.jit(dnr.dnr_batch)(_golden_acts(), weights)
+      jax.jit(dnr.dynamic_dead_neuron_rate)(_golden_acts(), weights)
 
 
 class DnrStateTest(chex.TestCase):
@@ -338,6 +338,40 @@ class DnrModelTest(chex.TestCase):
       np.testing.assert_allclose(
           summary[f"dnr/{name}"], np.mean(np.asarray(act) == 0), rtol=1e-6
       )
+
+
+class DnrThresholdTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_threshold_zero_on_relu_outputs_counts_exact_zeros(self):
+    acts = {"a": jnp.array([[0.0, -0.0, 1.0, 2.0], [0.0, 3.0, 0.0, 0.0]])}
+    out = self.variant(dnr.dynamic_dead_neuron_rate)(acts)
+    # Sample 0: 2 of 4 dead (-0.0 counts); sample 1: 3 of 4.
+    self.assertAlmostEqual(float(out.dnr), (0.5 + 0.75) / 2)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_gelu_outputs_dead_where_the_preactivation_is_not_positive(self):
+    pre = jnp.array([[-3.0, -0.5, 0.0, 0.25, 2.0]])
+    gelu = jax.nn.gelu(pre, approximate=False)
+    fn = self.variant(lambda a: dnr.dynamic_dead_neuron_rate(a, threshold=0.0))
+    # GELU is negative below 0 and exactly 0 at 0: three of five are dead.
+    self.assertAlmostEqual(float(fn({"g": gelu}).dnr), 3 / 5)
+    # Exact zeros alone (the ReLU reading) would find only one.
+    self.assertEqual(int(jnp.sum(gelu == 0)), 1)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_positive_threshold_counts_near_silent_units(self):
+    acts = {"a": jnp.array([[0.0, 0.005, 0.02, 1.0]])}
+    fn = self.variant(lambda a: dnr.dynamic_dead_neuron_rate(a, threshold=0.01))
+    self.assertAlmostEqual(float(fn(acts).dnr), 0.5)
+
+  def test_update_threshold_matches_batch_threshold(self):
+    acts = {"a": jax.nn.gelu(jax.random.normal(jax.random.key(0), (16, 8)))}
+    state = dnr.dnr_update(dnr.dnr_init(acts), acts, threshold=0.0)
+    summary = dnr.dnr_summary(state)
+    batch = dnr.dynamic_dead_neuron_rate(acts, threshold=0.0)
+    np.testing.assert_allclose(summary["dnr"], batch.dnr, rtol=1e-6)
+    self.assertGreater(float(batch.dnr), 0.2)
 
 
 if __name__ == "__main__":

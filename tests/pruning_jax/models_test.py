@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pruning_jax import masks as masks_lib
 from pruning_jax import models
+from pruning_jax import train
 
 MNIST = (28, 28, 1)
 CIFAR = (32, 32, 3)
@@ -330,6 +332,33 @@ class ShortcutTest(absltest.TestCase):
     projected = [b.projection is not None for b in model.blocks]
     self.assertEqual(projected, [False] * 3 + [True, False, False] * 2)
     self.assertEqual(model.blocks[3].projection.conv.kernel.shape, (1, 1, 16, 32))
+
+
+class ReluFedTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("lenet", "lenet300100", (28, 28, 1), {"hidden/0/kernel"}),
+      ("conv2", "conv2", (32, 32, 3), {"convs/0/kernel"}),
+      ("vgg11", "vgg11", (32, 32, 3), {"convs/0/conv/kernel"}),
+      ("resnet20", "resnet20", (32, 32, 1), {"stem/conv/kernel"}),
+  )
+  def test_only_the_input_layer_reads_non_relu_inputs(self, name, shape, not_fed):
+    model = models.build_model(name, num_classes=10, input_shape=shape, rngs=nnx.Rngs(0))
+    _, params, _ = train.split_model(model)
+    paths = [masks_lib.path_str(p) for p, m in jax.tree_util.tree_flatten_with_path(
+        masks_lib.init_masks(params), is_leaf=lambda x: x is None)[0] if m is not None]
+    self.assertEqual({p for p in paths if not model.relu_fed(p)}, not_fed)
+
+  def test_vit_relu_feeds_only_fc2(self):
+    for activation, expected in (("relu", 2), ("gelu", 0)):
+      model = models.build_model("vit", num_classes=10, input_shape=(32, 32, 3),
+                                 rngs=nnx.Rngs(0), activation=activation, depth=2)
+      _, params, _ = train.split_model(model)
+      paths = [masks_lib.path_str(p) for p, m in jax.tree_util.tree_flatten_with_path(
+          masks_lib.init_masks(params), is_leaf=lambda x: x is None)[0] if m is not None]
+      fed = [p for p in paths if model.relu_fed(p)]
+      self.assertLen(fed, expected)
+      self.assertTrue(all(p.endswith("fc2/kernel") for p in fed))
 
 
 class ErrorsTest(parameterized.TestCase):

@@ -73,6 +73,11 @@ def _read(path):
     return fh.read()
 
 
+def _without_times(log: str) -> str:
+  """The metrics log without its wall-time lines, the only ones a rerun changes."""
+  return "".join(l + "\n" for l in log.splitlines() if json.loads(l)["kind"] != "time")
+
+
 def _assert_same_run(test, a, b):
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -94,7 +99,7 @@ class RunRoundsTest(parameterized.TestCase):
                                [0.0, 7160 / _PRUNABLE, 12888 / _PRUNABLE], rtol=1e-6)
     kinds = [json.loads(l)["kind"] for l in _read(os.path.join(out, "metrics.jsonl"))
              .splitlines()]
-    self.assertEqual(kinds, ["epoch", "eval", "prune"] * 2 + ["epoch", "eval"])
+    self.assertEqual(kinds, ["epoch", "time", "eval", "prune"] * 2 + ["epoch", "time", "eval"])
     for e in result.evals:
       self.assertBetween(e["test_accuracy"], 0.0, 1.0)
       self.assertBetween(e["dnr"], 0.0, 1.0)
@@ -109,6 +114,59 @@ class RunRoundsTest(parameterized.TestCase):
     again = rounds.run_rounds(tiny_config(), out, data=tiny_data(), progress=False)
     self.assertEqual(again.resumed_from, 12)  # the end-of-round-2 checkpoint
     _assert_same_run(self, result, again)
+
+  def test_controls_keep_the_cycle_total_and_record_their_settings(self):
+    for selection, scope in (("random", "all"), ("most_negative", "all"),
+                             ("least_moved", "relu_fed")):
+      result = rounds.run_rounds(tiny_config(cycles=1, ap_selection=selection,
+                                             ap_scope=scope),
+                                 _tmp(self), data=tiny_data(), progress=False)
+      info = result.history[0]
+      self.assertEqual(info.host_removed + info.ap_removed, 7160)
+      self.assertEqual(info.ap_removed + info.ap_shortfall, 716)
+    # relu_fed: the first layer (16 x 300 inputs) loses only the host's weights.
+    config = tiny_config(cycles=1, ap_scope="relu_fed", ap_rate=0.2, method="random")
+    result = rounds.run_rounds(config, _tmp(self), data=tiny_data(), progress=False)
+    self.assertEqual(result.history[0].host_removed, result.history[0].ap_shortfall)
+    first = np.asarray(result.masks["hidden"][0]["kernel"])
+    self.assertTrue(first.all())
+
+  def test_epoch_evaluation_and_round_time_are_logged(self):
+    out = _tmp(self)
+    rounds.run_rounds(tiny_config(cycles=1, eval_every_epoch=True,
+                                  train=train.lottery_config("lenet300100", batch_size=16,
+                                                             epochs=2)),
+                      out, data=tiny_data(), progress=False)
+    lines = [json.loads(l) for l in _read(os.path.join(out, "metrics.jsonl")).splitlines()]
+    epochs = [l for l in lines if l["kind"] == "epoch"]
+    self.assertLen(epochs, 4)
+    for line in epochs:
+      self.assertBetween(line["test_accuracy"], 0.0, 1.0)
+    evals = [l for l in lines if l["kind"] == "eval"]
+    # The last epoch's test accuracy is the round's evaluation.
+    self.assertEqual(epochs[-1]["test_accuracy"], evals[-1]["test_accuracy"])
+    times = [l for l in lines if l["kind"] == "time"]
+    self.assertEqual([l["round"] for l in times], [0, 1])
+    self.assertTrue(all(l["train_seconds"] > 0 for l in times))
+    for line in evals:
+      self.assertEqual(set(line["layer_sparsity"]),
+                       {"hidden/0/kernel", "hidden/1/kernel", "head/kernel"})
+
+  def test_batchnorm_recalibration_is_evaluated_beside_the_running_statistics(self):
+    data = tiny_data()
+    padded = datasets.pad_images(data, 8)
+    config = tiny_config(model="resnet20", cycles=1, bn_recalibration_batches=2,
+                         train=train.TrainConfig(optimizer="sgd", learning_rate=0.05,
+                                                 warmup_steps=0, decay_epochs=(),
+                                                 epochs=1, batch_size=16, augment=False))
+    result = rounds.run_rounds(config, _tmp(self), data=padded, progress=False)
+    for e in result.evals:
+      self.assertBetween(e["test_accuracy_bn_recal"], 0.0, 1.0)
+      self.assertBetween(e["dnr_bn_recal"], 0.0, 1.0)
+    # Without BatchNorm there is nothing to recalibrate and nothing is reported.
+    plain = rounds.run_rounds(tiny_config(cycles=0, bn_recalibration_batches=2), _tmp(self),
+                              data=data, progress=False)
+    self.assertNotIn("test_accuracy_bn_recal", plain.evals[0])
 
   def test_host_alone_without_ap(self):
     result = rounds.run_rounds(tiny_config(ap_rate=None, cycles=1), _tmp(self),
@@ -180,8 +238,8 @@ class RunRoundsTest(parameterized.TestCase):
     clean = rounds.run_rounds(tiny_config(save_every_steps=3), clean_dir, data=tiny_data(),
                               progress=False)
     _assert_same_run(self, resumed, clean)
-    self.assertEqual(_read(os.path.join(killed, "metrics.jsonl")),
-                     _read(os.path.join(clean_dir, "metrics.jsonl")))
+    self.assertEqual(_without_times(_read(os.path.join(killed, "metrics.jsonl"))),
+                     _without_times(_read(os.path.join(clean_dir, "metrics.jsonl"))))
 
   def test_shared_round0_matches_a_full_run(self):
     source, shared, full = (_tmp(self) for _ in range(3))
@@ -257,7 +315,10 @@ class RunRoundsTest(parameterized.TestCase):
       (dict(ap_rate=0.5), "ap_rate must not exceed rate"),
       (dict(num_devices=3), "batch_size=16 must be a multiple of num_devices=3"),
       (dict(eval_batch_size=12, num_devices=8), "eval_batch_size=12 must be a multiple"),
-      (dict(rewind_step=-1), "rewind_step must be an int >= 0"))
+      (dict(rewind_step=-1), "rewind_step must be an int >= 0"),
+      (dict(ap_selection="largest"), "ap_selection must be one of"),
+      (dict(ap_scope="first"), "ap_scope must be one of"),
+      (dict(bn_recalibration_batches=-1), "bn_recalibration_batches must be an int >= 0"))
   def test_bad_config(self, overrides, message):
     with self.assertRaisesRegex(ValueError, message):
       tiny_config(**overrides)
