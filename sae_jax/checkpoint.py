@@ -3,7 +3,10 @@
 A checkpoint holds the whole ``TrainState`` pytree (restored straight into its sharded
 layout) and a JSON record with the data-iterator position and the configs it was made
 with, so a resumed run sees the same batches and a run with a different config is
-refused with a clear message instead of a shape error from deep inside Orbax.
+refused with a message naming the differing fields instead of a shape error from deep
+inside Orbax. Saves are asynchronous: ``save`` returns once the arrays are copied off the
+devices and the files are written in the background; ``wait`` and ``close`` block until
+every pending save is on disk.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ class CheckpointError(RuntimeError):
   """A checkpoint that cannot be used: corrupted, incomplete or from another config."""
 
 
+class ConfigMismatchError(CheckpointError, ValueError):
+  """A checkpoint or run folder written with configs other than the ones given."""
+
+
 def config_record(*configs) -> dict[str, dict[str, Any]]:
   """JSON-able record of frozen dataclass configs, keyed by class name."""
   out = {}
@@ -33,6 +40,33 @@ def config_record(*configs) -> dict[str, dict[str, Any]]:
       fields[f.name] = v if isinstance(v, (bool, int, float, str, type(None))) else str(v)
     out[type(cfg).__name__] = fields
   return out
+
+
+_ABSENT = "<absent>"
+
+
+def config_differences(found: dict, expected: dict) -> list[str]:
+  """The fields in which two :func:`config_record` records differ, one line each.
+
+  Args:
+    found: the record stored with a checkpoint or run folder.
+    expected: the record of the configs in use now.
+
+  Returns:
+    Lines like ``"SAEConfig.d_sae: 16 there, 32 now"``; empty when the records agree.
+  """
+  found, expected = _jsonable(found or {}), _jsonable(expected)
+  lines = []
+  for name in sorted(set(found) | set(expected)):
+    if name not in found or name not in expected:
+      lines.append(f"{name}: {'absent there' if name not in found else 'absent now'}")
+      continue
+    old, new = found[name], expected[name]
+    for field in sorted(set(old) | set(new)):
+      if old.get(field, _ABSENT) != new.get(field, _ABSENT):
+        lines.append(f"{name}.{field}: {old.get(field, _ABSENT)!r} there, "
+                     f"{new.get(field, _ABSENT)!r} now")
+  return lines
 
 
 class Checkpointer:
@@ -47,8 +81,11 @@ class Checkpointer:
     if keep < 1:
       raise ValueError(f"keep must be >= 1; got {keep}.")
     self.directory = pathlib.Path(directory).absolute()
+    # Asynchronous saves let training go on while the files are written; Orbax itself
+    # waits for the previous save before starting the next one.
     self._manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=True))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -57,13 +94,21 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state, meta: dict) -> None:
+    """Starts saving ``state`` and ``meta`` as checkpoint ``step``.
+
+    Returns once the arrays are copied off the devices (so ``state`` may be donated
+    afterwards) and any earlier save has finished; the files are written in the
+    background and the checkpoint counts as saved only after ``wait`` or ``close``.
+    """
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
   def wait(self) -> None:
+    """Blocks until every pending save is on disk."""
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for pending saves, then releases Orbax's background threads."""
     self._manager.wait_until_finished()
     self._manager.close()
 
@@ -71,8 +116,9 @@ class Checkpointer:
     """Restores ``(state, meta)``; ``abstract_state`` fixes shapes, dtypes and shardings.
 
     Raises:
-      CheckpointError: the checkpoint is missing, corrupted, or was written with
-        configs different from ``expected_configs``.
+      CheckpointError: the checkpoint is missing or corrupted.
+      ConfigMismatchError: it was written with configs different from
+        ``expected_configs`` (a ``CheckpointError`` and a ``ValueError``).
     """
     path = self.directory / str(step)
     try:
@@ -83,11 +129,13 @@ class Checkpointer:
           f"cannot read the metadata of checkpoint {path}: {type(e).__name__}: {e}. The "
           "checkpoint is incomplete or corrupted; delete that folder to resume from an "
           "earlier one, or start a new run folder.") from e
-    if expected_configs is not None and meta.get("configs") != _jsonable(expected_configs):
-      raise CheckpointError(
-          f"checkpoint {path} was written with configs {meta.get('configs')}, which differ "
-          f"from this run's {_jsonable(expected_configs)}. Use the original configs to "
-          "resume, or a new run folder to start over.")
+    differences = ([] if expected_configs is None
+                   else config_differences(meta.get("configs"), expected_configs))
+    if differences:
+      raise ConfigMismatchError(
+          f"checkpoint {path} was written with configs that differ from this run's: "
+          f"{'; '.join(differences)}. Use the original configs to resume, or a new run "
+          "folder to start over.")
     try:
       state = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state)))["state"]

@@ -1,19 +1,25 @@
-"""The SAE training loop: checkpoints, bitwise resume after SIGKILL, non-finite stops."""
+"""The SAE training loop: checkpoints, bitwise resume after SIGKILL, non-finite stops,
+prefetching, run-folder configs."""
 
+import dataclasses
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 
 import jax
 import numpy as np
+import pytest
 from absl.testing import absltest
 
 from sae_jax import checkpoint
 from sae_jax import model
+from sae_jax import sharding
 from sae_jax import train
 from sae_jax import trainer
 from sae_jax.data import synthetic
@@ -123,11 +129,17 @@ class FailureTest(absltest.TestCase):
 
   def test_config_mismatch_is_refused_clearly(self):
     cfg, tcfg, rcfg, data = _small()
-    run = self.create_tempdir().full_path
+    run = pathlib.Path(self.create_tempdir().full_path)
     trainer.fit(run, cfg, tcfg, dataclass_replace(rcfg, steps=2), data)
+    before = _folder_bytes(run)
     other = model.SAEConfig(d_model=8, d_sae=32, allocation="topk", k=2)
-    with self.assertRaisesRegex(checkpoint.CheckpointError, "differ from this run"):
-      trainer.fit(run, other, tcfg, rcfg, data)
+    # A ValueError for callers checking arguments, a CheckpointError for older callers.
+    for error in (ValueError, checkpoint.CheckpointError):
+      with self.assertRaisesRegex(
+          error, r"differ from this run.*SAEConfig\.d_sae: 16 there, 32 now.*another run "
+          "folder, or the same configs"):
+        trainer.fit(run, other, tcfg, rcfg, data)
+    self.assertEqual(_folder_bytes(run), before)  # refused before any work
 
   def test_corrupted_checkpoint_is_reported_with_its_path(self):
     cfg, tcfg, rcfg, data = _small()
@@ -141,8 +153,177 @@ class FailureTest(absltest.TestCase):
 
 
 def dataclass_replace(obj, **kw):
-  import dataclasses
   return dataclasses.replace(obj, **kw)
+
+
+def _folder_bytes(path: pathlib.Path) -> dict:
+  return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*"))
+          if f.is_file()}
+
+
+def _restore_target(cfg, tcfg):
+  abstract = jax.eval_shape(lambda: train.init_train_state(jax.random.key(0), cfg, tcfg))
+  shardings = sharding.state_shardings(abstract, sharding.make_mesh(1, 1))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def _prefetch_threads():
+  return [t for t in threading.enumerate() if t.name == "sae-prefetch" and t.is_alive()]
+
+
+class _Counting:
+  """Endless host batches; batch i is filled with i."""
+
+  def __init__(self):
+    self.i = 0
+
+  def __next__(self):
+    self.i += 1
+    return np.full((4, 8), self.i - 1, np.float32)
+
+  def state(self):
+    return {"i": self.i}
+
+  def restore(self, s):
+    self.i = s["i"]
+
+
+class _FailAt:
+  """Raises ``error`` instead of returning batch number ``at`` (1-based)."""
+
+  def __init__(self, inner, at, error):
+    self.inner, self.at, self.error, self.i = inner, at, error, 0
+
+  def __next__(self):
+    self.i += 1
+    if self.i == self.at:
+      raise self.error
+    return next(self.inner)
+
+  def state(self):
+    return self.inner.state()
+
+  def restore(self, s):
+    self.inner.restore(s)
+
+
+class _ScaleAt(_NaNAt):
+  """Multiplies batch number ``at`` by 1e30: finite, but its squared norm overflows."""
+
+  def __next__(self):
+    x = next(self.inner)
+    self.i += 1
+    return x * np.float32(1e30) if self.i == self.at else x
+
+
+def test_prefetcher_yields_the_source_order_and_the_position_after_each_batch():
+  source, reference = _Counting(), _Counting()
+  with trainer.Prefetcher(source, lambda x: x * 2, count=7, depth=2) as prefetcher:
+    items = list(prefetcher)
+  assert not _prefetch_threads()
+  assert len(items) == 7
+  for item in items:
+    np.testing.assert_array_equal(item.array, next(reference) * 2)
+    assert item.position == reference.state()
+    assert item.rows == 4
+  assert source.state() == {"i": 7}  # never read beyond what was asked for
+
+
+def test_prefetcher_stops_its_thread_when_closed_early():
+  with trainer.Prefetcher(_Counting(), lambda x: x, count=1000, depth=2) as prefetcher:
+    next(prefetcher)
+  assert not _prefetch_threads()
+
+
+def test_fit_consumes_batches_in_source_order(tmp_path):
+  """Prefetched training is bitwise equal to stepping over the batches by hand."""
+  cfg, tcfg, rcfg, data = _small()
+  state, _ = trainer.fit(tmp_path / "run", cfg, tcfg, rcfg, data)
+  assert not _prefetch_threads()
+  assert data.state() == {"index": rcfg.steps}  # read once per step, as without prefetch
+  _, _, _, by_hand = _small()
+  mesh = sharding.make_mesh(1, 1)
+  expected = sharding.init_sharded_state(jax.random.key(rcfg.seed), cfg, tcfg, mesh)
+  step_fn = sharding.jit_sharded_step(cfg, tcfg, mesh, jax.eval_shape(lambda: expected))
+  for _ in range(rcfg.steps):
+    expected, _ = step_fn(expected, jax.device_put(next(by_hand),
+                                                   sharding.batch_sharding(mesh)))
+  for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("log_every,checkpoint_every", [(3, 4), (10, 2)])
+@pytest.mark.parametrize("corrupt,message", [(_NaNAt, "batch for step 5 holds non-finite"),
+                                             (_ScaleAt, "loss became (nan|inf) at step 5")])
+def test_non_finite_step_stops_within_a_check_and_keeps_the_last_good_checkpoint(
+    tmp_path, log_every, checkpoint_every, corrupt, message):
+  cfg, tcfg, rcfg, data = _small()
+  rcfg = dataclasses.replace(rcfg, steps=16, log_every=log_every,
+                             checkpoint_every=checkpoint_every)
+  tcfg = dataclasses.replace(tcfg, total_steps=16)
+  run = tmp_path / "run"
+  ran = []
+  with pytest.raises(trainer.NonFiniteError,
+                     match=rf"{message}.*seen at step 6\b.*{re.escape(str(run))}/checkpoints/4 "):
+    trainer.fit(run, cfg, tcfg, rcfg, corrupt(data, 6), on_step=ran.append)
+  assert max(ran) <= 5 + min(log_every, checkpoint_every)
+  assert not _prefetch_threads()
+  ckpt = checkpoint.Checkpointer(run / "checkpoints")
+  # Nothing saved after the bad step 5; the good checkpoints are still there.
+  assert ckpt.all_steps() == list(range(checkpoint_every, 5, checkpoint_every))
+  restored, meta = ckpt.restore(4, _restore_target(cfg, tcfg))
+  ckpt.close()
+  assert int(restored.step) == 4 and meta["data"] == {"index": 4}
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
+  state, _ = trainer.fit(run, cfg, tcfg, rcfg, data)
+  assert int(state.step) == 16
+
+
+def test_resume_is_announced(tmp_path, capsys):
+  cfg, tcfg, rcfg, data = _small()
+  run = tmp_path / "run"
+  trainer.fit(run, cfg, tcfg, dataclasses.replace(rcfg, steps=2), data)
+  assert "resuming" not in capsys.readouterr().out
+  trainer.fit(run, cfg, tcfg, rcfg, data)
+  assert (f"resuming {run} from step 2 (checkpoint {run}/checkpoints/2)"
+          in capsys.readouterr().out)
+
+
+def test_folder_without_checkpoint_starts_over_only_with_the_same_configs(tmp_path):
+  cfg, tcfg, rcfg, data = _small()
+  run = tmp_path / "run"
+  trainer.fit(run, cfg, tcfg, dataclasses.replace(rcfg, steps=2), data)
+  for f in sorted((run / "checkpoints").rglob("*"), reverse=True):  # killed before a save
+    f.rmdir() if f.is_dir() else f.unlink()
+  other = dataclasses.replace(tcfg, learning_rate=2e-3)
+  with pytest.raises(ValueError,
+                     match=r"TrainConfig\.learning_rate: 0\.001 there, 0\.002 now"):
+    trainer.fit(run, cfg, other, rcfg, data)
+  trainer.fit(run, cfg, tcfg, rcfg, data)
+  steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
+  assert steps == [1, 2, 3, 4]
+
+
+def test_metrics_without_checkpoint_or_configs_are_refused(tmp_path):
+  cfg, tcfg, rcfg, data = _small()
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+  with pytest.raises(ValueError, match="neither a checkpoint nor config.json"):
+    trainer.fit(tmp_path, cfg, tcfg, rcfg, data)
+
+
+@pytest.mark.parametrize("error", [OSError("shard 3 is unreadable"), StopIteration("dry")])
+def test_batch_source_error_surfaces_in_the_caller(tmp_path, error):
+  cfg, tcfg, rcfg, data = _small()
+  ran = []
+  with pytest.raises(type(error), match=str(error)):
+    trainer.fit(tmp_path / "run", cfg, tcfg, rcfg, _FailAt(data, 3, error),
+                on_step=ran.append)
+  assert ran == [1, 2]  # the batches read before the failure were all used
+  assert not _prefetch_threads()
+  ckpt = checkpoint.Checkpointer(tmp_path / "run" / "checkpoints")
+  assert ckpt.latest_step() == 2
+  ckpt.close()
 
 
 if __name__ == "__main__":
