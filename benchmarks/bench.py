@@ -25,7 +25,8 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 RUNS = (  # (module, arguments)
     ("allocation", ["--features", "32768"]),
     ("pruning", []),
-    ("sae_step", ["--skip-dense"]),
+    ("sae_step", []),
+    ("fit_loop", []),
     ("resnet_torch", []),
 )
 # The SAE step once more in fresh processes with other glibc malloc settings. XLA:CPU
@@ -37,9 +38,11 @@ _RESULT_DIR = pathlib.Path(__file__).resolve().parent / "results"
 ENV_RUNS = {  # suffix: (environment, module, arguments)
     "heap": ({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4294967296:"
                                 "glibc.malloc.trim_threshold=4294967296"},
-             "sae_step", ["--skip-dense", "--out", str(_RESULT_DIR / "sae_step_heap.json")]),
+             "sae_step", ["--configs", "topk", "mc", "fc", "--out",
+                          str(_RESULT_DIR / "sae_step_heap.json")]),
     "thp": ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
-            "sae_step", ["--skip-dense", "--out", str(_RESULT_DIR / "sae_step_thp.json")]),
+            "sae_step", ["--configs", "topk", "mc", "fc", "--out",
+                         str(_RESULT_DIR / "sae_step_thp.json")]),
 }
 
 
@@ -55,6 +58,7 @@ def collect() -> dict:
   notes: dict[str, str] = {}
   alloc, prune = _load("allocation", notes), _load("pruning", notes)
   step, torch = _load("sae_step", notes), _load("resnet_torch", notes)
+  fit_loop = _load("fit_loop", notes)
   env_steps = {suffix: _load(f"sae_step_{suffix}", notes) for suffix in ENV_RUNS}
   row = next((r for r in alloc.get("rows", []) if r.get("F") == 32768), None)
   ratios = (row or {}).get("ratio_to_lax_top_k_rows", {})
@@ -64,6 +68,8 @@ def collect() -> dict:
     notes["resnet_torch"] = torch.get("torch_unavailable_reason") or "not measured"
   if step.get("notes"):
     notes["sae_step"] = step["notes"]
+  if fit_loop.get("notes"):
+    notes["fit_loop"] = fit_loop["notes"]
   dnr = prune.get("dnr_overhead")
   return {
       "mc_vs_topk": ratios.get("mutual_choice"),
@@ -72,11 +78,17 @@ def collect() -> dict:
       "topk_step_vs_matmul": step.get("topk_step_vs_matmul"),
       "mc_step_vs_matmul": step.get("mc_step_vs_matmul"),
       "fc_step_vs_matmul": step.get("fc_step_vs_matmul"),
+      "fc_zipf_step_vs_matmul": step.get("fc_zipf_step_vs_matmul"),
+      "topk_aux_k_step_vs_matmul": step.get("topk_aux_k_step_vs_matmul"),
+      "mc_aux_zipf_step_vs_matmul": step.get("mc_aux_zipf_step_vs_matmul"),
+      "sae_step_paths": step.get("paths"),
       "step_peak_mem_vs_state": step.get("step_peak_mem_vs_state"),
       "mc_step_peak_mem_vs_state": step.get("mc_step_peak_mem_vs_state"),
       "fc_step_peak_mem_vs_state": step.get("fc_step_peak_mem_vs_state"),
       **{f"{a}_step_vs_matmul_{suffix}": res.get(f"{a}_step_vs_matmul")
          for suffix, res in env_steps.items() for a in ("topk", "mc", "fc")},
+      "fit_vs_bare_step": fit_loop.get("fit_vs_bare_step"),
+      "fit_vs_bare_step_small": fit_loop.get("fit_vs_bare_step_small"),
       "resnet20_jax_vs_torch": torch.get("resnet20_jax_vs_torch"),
       # The larger model's figure is the one a training step pays (LeNet steps are ~1 ms).
       "dnr_overhead": dnr.get("resnet20") if isinstance(dnr, dict) else dnr,
@@ -89,14 +101,23 @@ def collect() -> dict:
                         "than the [B, F] one: allocation.json ratio_to_matmul.matmul_fb)",
           "fc_token_major_vs_topk": "the same from token-major [B, F] scores, transpose "
                                     "included",
-          "*_step_vs_matmul": "sparse fast_step time / encoder forward matmul [B, d] x [d, F], "
-                              "median of interleaved rounds (sae_step.json)",
+          "*_step_vs_matmul": "time of the step jit_sharded_step builds on one device (the "
+                              "path fit takes; sae_step_paths says sparse or dense) / "
+                              "encoder forward matmul [B, d] x [d, F], median of "
+                              "interleaved rounds (sae_step.json)",
           **{f"*_step_vs_matmul_{suffix}": f"the same in a process run with "
              f"{' '.join(f'{k}={v}' for k, v in env.items())} (sae_step_{suffix}.json)"
              for suffix, (env, _, _) in ENV_RUNS.items()},
           "step_peak_mem_vs_state": "peak bytes of the TopK sparse step (XLA buffer "
                                     "assignment) / bytes of params + Adam state + batch",
           "mc_/fc_step_peak_mem_vs_state": "the same for the Mutual / Feature Choice steps",
+          "fit_vs_bare_step": "trainer.fit tokens/s / tokens/s of a bare loop over the same "
+                              "jitted step with the batches already on the device, TopK, "
+                              "B=4096, d=768, F=32768, k=32, steps 2..6 of each call, the "
+                              "final checkpoint write included; median over interleaved "
+                              "rounds (fit_loop.json)",
+          "fit_vs_bare_step_small": "the same at B=512, d=384, F=1536, k=32 over steps "
+                                    "2..200, where per-step host work in the loop shows",
           "dnr_overhead": "ResNet-20 train step with DNR / without, minus 1 (pruning.json)",
           "ap_overhead": "AP selection / one reference training cycle (pruning.json)",
       },

@@ -1,10 +1,13 @@
 """SAE training step vs the encoder matmul, timed in one run.
 
-Prints the median time of the encoder forward matmul ``[B, d] x [d, F]``, of the dense
-reference step (:func:`sae_jax.train.train_step`) and of the sparse step
-(:func:`sae_jax.fast_step.fast_train_step`) for TopK, Mutual Choice and Feature Choice,
-each as a ratio to the matmul of the same run, plus the peak memory of each sparse step
-against the bytes of parameters + Adam state + one batch.
+Prints the median time of the encoder forward matmul ``[B, d] x [d, F]`` and of the
+training step of every configuration users run, each as a ratio to the matmul of the
+same run: TopK, Mutual Choice, Feature Choice (uniform and Zipf), TopK + aux_k and Mutual
+Choice + aux_zipf. Steps are built by :func:`sae_jax.sharding.jit_sharded_step` on a
+one-device mesh, the path ``trainer.fit`` calls, so a configuration that falls back to
+the dense step shows up as such (``paths`` in the JSON). With ``--dense`` the dense
+reference step (:func:`sae_jax.train.train_step`) is timed too. Peak memory of each step
+is compared with the bytes of parameters + Adam state + one batch.
 
 Peak memory is XLA's static buffer assignment of the compiled step
 (``compiled.memory_analysis()``): argument + output - aliased (donated state) + temp
@@ -32,9 +35,13 @@ import numpy as np
 
 from sae_jax import fast_step
 from sae_jax import model
+from sae_jax import sharding
 from sae_jax import train
 
-ALLOCATIONS = {"topk": "topk", "mc": "mutual_choice", "fc": "feature_choice"}
+# Short name -> (allocation, auxiliary loss).
+CONFIGS = {"topk": ("topk", "none"), "mc": ("mutual_choice", "none"),
+           "fc": ("feature_choice", "none"), "fc_zipf": ("feature_choice_zipf", "none"),
+           "topk_aux_k": ("topk", "aux_k"), "mc_aux_zipf": ("mutual_choice", "aux_zipf")}
 
 
 def _nbytes(tree) -> int:
@@ -61,8 +68,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--k", type=int, default=32)
   parser.add_argument("--chunk-tokens", type=int, default=fast_step.DEFAULT_CHUNK_TOKENS)
   parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds")
-  parser.add_argument("--skip-dense", action="store_true",
-                      help="do not time the dense reference step")
+  parser.add_argument("--dense", action="store_true",
+                      help="also time the dense reference step of every configuration")
+  parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
   parser.add_argument("--quick", action="store_true", help="small shapes for a smoke run")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                     "sae_step.json"))
@@ -77,26 +85,29 @@ def main(argv=None) -> dict:
   kx, kw = jax.random.split(jax.random.key(0))
   x = jax.random.normal(kx, (b, d), jnp.float32)
   w = jax.random.normal(kw, (d, f), jnp.float32) / np.sqrt(d)
-  tcfg = train.TrainConfig(learning_rate=1e-4, warmup_steps=10, total_steps=1000)
-  memory, notes = {}, {}
+  memory, notes, paths = {}, {}, {}
+  mesh = sharding.make_mesh(1, 1)
   # Every program is compiled and warmed up first, then timed in interleaved rounds, so
   # drift in the machine's speed hits them all alike.
   programs = {"matmul": (jax.jit(jnp.matmul), (x, w), False)}
-  for short, alloc in ALLOCATIONS.items():
+  for short in args.configs:
+    alloc, aux = CONFIGS[short]
     cfg = model.SAEConfig(d_model=d, d_sae=f, allocation=alloc, k=k)
-    fast = jax.jit(lambda s, v, cfg=cfg: fast_step.fast_train_step(
-        s, v, cfg, tcfg, chunk_tokens=args.chunk_tokens), donate_argnums=(0,))
-    state = train.init_train_state(jax.random.key(1), cfg, tcfg)
+    tcfg = train.TrainConfig(learning_rate=1e-4, warmup_steps=10, total_steps=1000,
+                             aux_loss=aux)
+    state = sharding.init_sharded_state(jax.random.key(1), cfg, tcfg, mesh)
+    step = sharding.jit_sharded_step(cfg, tcfg, mesh, jax.eval_shape(lambda: state))
+    paths[short] = "sparse" if sharding.uses_sparse_step(cfg, mesh) else "dense"
     # One compilation serves the memory analysis and the timing.
-    fast = fast.lower(state, x).compile()
-    memory[short] = peak_memory(fast)
+    step = step.lower(state, x).compile()
+    memory[short] = peak_memory(step)
     memory[short]["state_bytes"] = _nbytes((state.params, state.opt_state)) + _nbytes(x)
-    programs[f"{short}_fast"] = (fast, [state, x], True)
-    if not args.skip_dense:
-      dense = jax.jit(lambda s, v, cfg=cfg: train.train_step(s, v, cfg, tcfg),
-                      donate_argnums=(0,))
+    programs[short] = (step, [state, x], True)
+    if args.dense:
+      dense = sharding.jit_sharded_step(cfg, tcfg, mesh, jax.eval_shape(lambda: state),
+                                        sparse=False)
       programs[f"{short}_dense"] = (
-          dense, [train.init_train_state(jax.random.key(1), cfg, tcfg), x], True)
+          dense, [sharding.init_sharded_state(jax.random.key(1), cfg, tcfg, mesh), x], True)
   times = {name: [] for name in programs}
   for r in range(args.repeats + 1):  # round 0 compiles and warms up
     for name, (fn, fargs, threads_state) in programs.items():
@@ -132,19 +143,18 @@ def main(argv=None) -> dict:
           f"{mem_ratios[short]:.3f} x (params + Adam state + batch = "
           f"{mem['state_bytes'] / 2**20:.1f} MiB); temp {mem['temp_bytes'] / 2**20:.1f} MiB",
           flush=True)
-  mem_ratio = mem_ratios["topk"]
-  if mem_ratio is None:
+  mem_ratio = mem_ratios.get("topk")
+  if mem_ratio is None and "topk_step_peak_mem_vs_state" in notes:
     notes["step_peak_mem_vs_state"] = notes["topk_step_peak_mem_vs_state"]
   result = {
       "benchmark": "sae_step",
       "shape": {"B": b, "d": d, "F": f, "k": k, "chunk_tokens": args.chunk_tokens,
                 "dtype": "float32"},
-      "topk_step_vs_matmul": round_ratios["topk_fast"],
-      "mc_step_vs_matmul": round_ratios["mc_fast"],
-      "fc_step_vs_matmul": round_ratios["fc_fast"],
+      **{f"{short}_step_vs_matmul": round_ratios[short] for short in args.configs},
       "step_peak_mem_vs_state": mem_ratio,
-      "mc_step_peak_mem_vs_state": mem_ratios["mc"],
-      "fc_step_peak_mem_vs_state": mem_ratios["fc"],
+      **{f"{short}_step_peak_mem_vs_state": mem_ratios[short] for short in args.configs
+         if short != "topk"},
+      "paths": paths,
       "median_seconds": seconds,
       "all_seconds": times,
       "ratio_to_matmul": ratios,
@@ -153,8 +163,8 @@ def main(argv=None) -> dict:
                           "(step time / encoder matmul time of the same round)",
       "memory": memory,
       "memory_method": "compiled.memory_analysis(): argument + output - alias + temp bytes "
-                       "of each jitted fast step with the state donated; the headline "
-                       "step_peak_mem_vs_state is the TopK step's",
+                       "of each jitted step (jit_sharded_step, one device) with the state "
+                       "donated; the headline step_peak_mem_vs_state is the TopK step's",
       "repeats": args.repeats,
       "notes": notes,
       "environment": {"GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"),

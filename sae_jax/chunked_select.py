@@ -34,8 +34,15 @@ from sae_jax import fast_select
 from sae_jax import model
 from sae_jax import params as sae_params
 
-FAST_ALLOCATIONS = ("topk", "batch_topk", "mutual_choice", "feature_choice")
+FAST_ALLOCATIONS = ("topk", "batch_topk", "mutual_choice", "feature_choice",
+                    "feature_choice_zipf")
+FEATURE_CHOICE = ("feature_choice", "feature_choice_zipf")
 DEFAULT_CHUNK_TOKENS = 512
+# Feature Choice capacities are grouped into tiers of contiguous features whose
+# capacities lie within this factor of the tier's largest; every feature of a tier
+# offers that largest capacity's worth of entries (the rest marked invalid), so at most
+# this fraction of padding enters decoding and the encoder gradient.
+TIER_RATIO = 1.25
 # Entries per block when the exact Mutual Choice fallback collects a chunk's winners.
 EXACT_BLOCK_ENTRIES = 1 << 20
 
@@ -78,6 +85,48 @@ def check_fast_config(cfg: model.SAEConfig, batch_size: int, chunk_tokens: int) 
   if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
     raise ValueError(f"chunk_tokens must be a static int >= 1; got {chunk_tokens!r}.")
   return max(c for c in range(1, min(chunk_tokens, batch_size) + 1) if batch_size % c == 0)
+
+
+class Tier(NamedTuple):
+  """Features ``[start, stop)`` selected with one static width (see :func:`capacity_tiers`).
+
+  Attributes:
+    start, stop: the tier's feature range.
+    capacity: the largest capacity in the tier: entries kept per feature, padded.
+    width: proposals per feature and chunk, ``min(capacity, chunk)``.
+  """
+
+  start: int
+  stop: int
+  capacity: int
+  width: int
+
+
+def capacity_tiers(capacity_F: np.ndarray, chunk: int, ratio: float = TIER_RATIO
+                   ) -> list[Tier]:
+  """Static tiers of a non-increasing capacity profile (zero capacities get none).
+
+  Uniform capacities (``m`` and ``m + 1``) form a single tier; a Zipf profile over
+  32768 features forms a few dozen. Static shapes per tier keep the Feature Choice
+  selection exact and cheap: a column top-``width`` per chunk on the tier's features,
+  then a top-``capacity`` over each feature's proposals.
+
+  Raises:
+    ValueError: if the profile increases anywhere (assign capacities by rank first).
+  """
+  cap = np.asarray(capacity_F, np.int64)
+  if np.any(np.diff(cap) > 0):
+    raise ValueError("capacities must be non-increasing over features for the sparse "
+                     "Feature Choice step (as model.feature_capacities returns them).")
+  tiers, start, f = [], 0, len(cap)
+  while start < f and cap[start] > 0:
+    top = int(cap[start])
+    stop = start + 1
+    while stop < f and cap[stop] > 0 and cap[stop] * ratio >= top:
+      stop += 1
+    tiers.append(Tier(start, stop, top, min(top, chunk)))
+    start = stop
+  return tiers
 
 
 def _chunk_pre(centred_CxD, W_enc, b_enc):
@@ -189,13 +238,13 @@ def select(params: sae_params.SAEParams, x: Float[Array, "b d"], cfg: model.SAEC
                      f"{k_aux!r}.")
   centred_NxCxD = (x.astype(jnp.float32) - params.b_dec).reshape(nc, bc, -1)
   W_enc, b_enc = params.W_enc, params.b_enc
-  fc = cfg.allocation == "feature_choice"
+  fc = cfg.allocation in FEATURE_CHOICE
   n = allocation.mutual_choice_budget(b, cfg.k)
   if cfg.allocation == "topk":
     width = int(cfg.k)
   elif fc:
     capacity_F = model.feature_capacities(cfg, b)
-    width = min(int(capacity_F.max()), bc)
+    tiers = capacity_tiers(capacity_F, bc)
   else:
     width = min(f, allocation.DEFAULT_CANDIDATE_FACTOR * math.ceil(cfg.k))
 
@@ -205,9 +254,11 @@ def select(params: sae_params.SAEParams, x: Float[Array, "b d"], cfg: model.SAEC
     pre_CxF = _chunk_pre(centred_CxD, W_enc, b_enc)
     scores_CxF = _scores(pre_CxF, cfg)
     if fc:  # per-feature top tokens: a column top-k, run without transposing the chunk
-      vals_FxW, local_FxW = fast_select.cols_topk(scores_CxF, width)
-      feats_FxW = jnp.arange(f, dtype=local_FxW.dtype)[:, None]
-      out["main"] = (vals_FxW, local_FxW + c * bc, pre_CxF[local_FxW, feats_FxW])
+      out["main"] = []
+      for t in tiers:
+        vals_FxW, local_FxW = fast_select.cols_topk(scores_CxF[:, t.start:t.stop], t.width)
+        feats_FxW = jnp.arange(t.start, t.stop, dtype=local_FxW.dtype)[:, None]
+        out["main"].append((vals_FxW, local_FxW + c * bc, pre_CxF[local_FxW, feats_FxW]))
     else:
       vals_CxW, cols_CxW = fast_select.rows_topk(scores_CxF, width)
       out["main"] = (vals_CxW, cols_CxW, jnp.take_along_axis(pre_CxF, cols_CxW, axis=1))
@@ -218,24 +269,14 @@ def select(params: sae_params.SAEParams, x: Float[Array, "b d"], cfg: model.SAEC
     return out
 
   outs = lax.map(per_chunk, (jnp.arange(nc, dtype=jnp.int32), centred_NxCxD))
-  vals, idx, pre = outs["main"]
+  if not fc:
+    vals, idx, pre = outs["main"]
   if cfg.allocation == "topk":
     main = Selection(_flat_rows(b, width), idx.reshape(-1), pre.reshape(-1),
                      jnp.ones((b * width,), bool))
   elif fc:
-    m = int(capacity_F.max())
-    # Chunks in row order, each column's proposals by value then row: lax.top_k's
-    # lower-position tie rule then picks the lower row, as the dense path does.
-    cand_vals = jnp.moveaxis(vals, 0, 1).reshape(f, nc * width)
-    cand_rows = jnp.moveaxis(idx, 0, 1).reshape(f, nc * width)
-    cand_pre = jnp.moveaxis(pre, 0, 1).reshape(f, nc * width)
-    _, pos_FxM = lax.top_k(cand_vals, m)
-    rows_FxM = jnp.take_along_axis(cand_rows, pos_FxM, axis=1)
-    valid_FxM = np.arange(m)[None, :] < capacity_F[:, None]
-    main = Selection(rows_FxM.reshape(-1).astype(jnp.int32),
-                     jnp.repeat(jnp.arange(f, dtype=jnp.int32), m),
-                     jnp.take_along_axis(cand_pre, pos_FxM, axis=1).reshape(-1),
-                     jnp.asarray(valid_FxM.reshape(-1)))
+    main = _concat([_feature_choice_tier(t, outs["main"][i], capacity_F, nc)
+                    for i, t in enumerate(tiers)])
   else:
     main = _mutual_choice_select(vals.reshape(b, width), idx.reshape(b, width),
                                  pre.reshape(b, width), n, centred_NxCxD, W_enc, b_enc, cfg)
@@ -245,6 +286,30 @@ def select(params: sae_params.SAEParams, x: Float[Array, "b d"], cfg: model.SAEC
     aux = Selection(_flat_rows(b, k_aux), aux_cols.reshape(-1), aux_pre.reshape(-1),
                     jnp.ones((b * k_aux,), bool))
   return main, aux
+
+
+def _feature_choice_tier(t: Tier, proposals, capacity_F: np.ndarray, nc: int) -> Selection:
+  """The kept entries of one tier from its per-chunk proposals ``[nc, features, width]``."""
+  vals, idx, pre = proposals
+  nf = t.stop - t.start
+  # Chunks in row order, each column's proposals by value then row: lax.top_k's
+  # lower-position tie rule then picks the lower row, as the dense path does.
+  cand_vals = jnp.moveaxis(vals, 0, 1).reshape(nf, nc * t.width)
+  cand_rows = jnp.moveaxis(idx, 0, 1).reshape(nf, nc * t.width)
+  cand_pre = jnp.moveaxis(pre, 0, 1).reshape(nf, nc * t.width)
+  _, pos_FxM = lax.top_k(cand_vals, t.capacity)
+  rows_FxM = jnp.take_along_axis(cand_rows, pos_FxM, axis=1)
+  valid_FxM = np.arange(t.capacity)[None, :] < capacity_F[t.start:t.stop, None]
+  return Selection(rows_FxM.reshape(-1).astype(jnp.int32),
+                   jnp.repeat(jnp.arange(t.start, t.stop, dtype=jnp.int32), t.capacity),
+                   jnp.take_along_axis(cand_pre, pos_FxM, axis=1).reshape(-1),
+                   jnp.asarray(valid_FxM.reshape(-1)))
+
+
+def _concat(parts: list[Selection]) -> Selection:
+  if len(parts) == 1:
+    return parts[0]
+  return Selection(*(jnp.concatenate(field) for field in zip(*parts)))
 
 
 # When a few rows claim all of their per-row proposals (a token that takes more than

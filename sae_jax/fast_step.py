@@ -19,8 +19,9 @@
 The auxiliary losses (aux_k, aux_zipf) are sparse too: their per-token top-``k_aux``
 over candidate features is taken chunk by chunk and decoded with the same kernels.
 
-Supported: allocations "topk", "batch_topk"/"mutual_choice" and "feature_choice"
-(uniform capacities), float32 compute and parameters, one device (no mesh).
+Supported: allocations "topk", "batch_topk"/"mutual_choice", "feature_choice" and
+"feature_choice_zipf" (capacities in static tiers, :func:`chunked_select.capacity_tiers`),
+float32 compute and parameters, one device (no mesh).
 
 References:
   Gao et al. 2024, "Scaling and evaluating sparse autoencoders", arXiv 2406.04093;
@@ -43,12 +44,14 @@ from sae_jax import sparse
 from sae_jax import train
 from sae_jax.chunked_select import DEFAULT_CHUNK_TOKENS
 from sae_jax.chunked_select import FAST_ALLOCATIONS
+from sae_jax.chunked_select import FEATURE_CHOICE
 from sae_jax.chunked_select import Selection
 from sae_jax.chunked_select import check_fast_config
 from sae_jax.chunked_select import select
 from sae_jax.chunked_select import supports
 
-__all__ = ["fast_train_step", "jit_fast_train_step", "usage_update", "threshold_update",
+__all__ = ["fast_train_step", "jit_fast_train_step", "aux_candidates", "usage_update",
+           "threshold_update",
            "select", "Selection", "supports", "check_fast_config", "FAST_ALLOCATIONS",
            "DEFAULT_CHUNK_TOKENS"]
 
@@ -109,7 +112,7 @@ def threshold_update(threshold: Float[Array, "f"], sel: Selection, codes: Float[
                      cfg: model.SAEConfig, decay: float) -> Float[Array, "f"]:
   """``train.update_threshold`` from the triples: EMA of the smallest kept positive code."""
   positive_N = jnp.where(codes > 0, codes, jnp.inf)
-  if cfg.allocation == "feature_choice":
+  if cfg.allocation in FEATURE_CHOICE:
     batch_min = jnp.full(threshold.shape, jnp.inf, jnp.float32).at[sel.cols].min(positive_N)
   else:
     batch_min = jnp.broadcast_to(positive_N.min(), threshold.shape)
@@ -124,7 +127,10 @@ def fast_train_step(state: train.TrainState, x: Float[Array, "b d"], cfg: model.
   """One optimisation step equal to ``train.train_step`` without dense ``[b, f]`` work.
 
   Jit with ``static_argnames=("cfg", "tcfg", "chunk_tokens")`` (or use
-  :data:`jit_fast_train_step`). Same state, same metrics as the reference step.
+  :data:`jit_fast_train_step`). Same state, same metrics as the reference step. With an
+  auxiliary loss, a step on which no feature is a candidate (nothing dead for aux_k,
+  nothing underutilised for aux_zipf) takes a ``lax.cond`` branch without the auxiliary
+  selection, decode and gradient, whose loss and gradient would be exactly zero.
 
   References:
     Gao et al. 2024, "Scaling and evaluating sparse autoencoders", arXiv 2406.04093;
@@ -144,27 +150,51 @@ def fast_train_step(state: train.TrainState, x: Float[Array, "b d"], cfg: model.
   Raises:
     ValueError: on an unsupported configuration or bad shapes.
   """
+  aux = aux_candidates(state.usage, cfg, tcfg)
+  if aux is None:
+    return _step(state, x, None, cfg, tcfg, chunk_tokens)
+  candidates, weights = aux
+  return jax.lax.cond(
+      jnp.any(candidates),
+      lambda s, v: _step(s, v, (candidates, weights), cfg, tcfg, chunk_tokens),
+      lambda s, v: _step(s, v, None, cfg, tcfg, chunk_tokens),
+      state, x)
+
+
+def aux_candidates(usage: metrics.FeatureUsageState, cfg: model.SAEConfig,
+                   tcfg: train.TrainConfig):
+  """``(candidates [f] bool, weights [f] or None)`` of the auxiliary loss, None without one.
+
+  aux_k: the dead features; aux_zipf: the features below the Zipf law fitted to the
+  density profile (dead ones included), weighted by their deficit if configured.
+  """
+  if tcfg.aux_loss == "none":
+    return None
+  if tcfg.aux_loss == "aux_k":
+    return metrics.dead_features(usage, tcfg.dead_after_tokens), None
+  c, s = metrics.fit_zipf(usage.density_ema)
+  under = metrics.underutilised_features(usage.density_ema, c, s, tcfg.zipf_tau)
+  weights = metrics.zipf_deficit(usage.density_ema, c, s) if tcfg.zipf_weighted else None
+  return under, weights
+
+
+def _step(state: train.TrainState, x, aux, cfg: model.SAEConfig, tcfg: train.TrainConfig,
+          chunk_tokens: int):
+  """The step with the auxiliary loss's ``(candidates, weights)``, or without it (None)."""
   b = x.shape[0]
-  aux_candidates = aux_weights = None
+  aux_cands = aux_weights = None
   k_aux = 0
-  if tcfg.aux_loss != "none":
+  if aux is not None:
+    aux_cands, aux_weights = aux
     k_aux = min(tcfg.k_aux or losses.default_k_aux(cfg.d_model), cfg.d_sae)
-    if tcfg.aux_loss == "aux_k":
-      aux_candidates = metrics.dead_features(state.usage, tcfg.dead_after_tokens)
-    else:
-      c, s = metrics.fit_zipf(state.usage.density_ema)
-      aux_candidates = metrics.underutilised_features(state.usage.density_ema, c, s,
-                                                      tcfg.zipf_tau)
-      if tcfg.zipf_weighted:
-        aux_weights = metrics.zipf_deficit(state.usage.density_ema, c, s)
   sel, aux_sel = select(state.params, x, cfg, chunk_tokens=chunk_tokens,
-                        aux_candidates=aux_candidates, aux_weights=aux_weights, k_aux=k_aux)
+                        aux_candidates=aux_cands, aux_weights=aux_weights, k_aux=k_aux)
   p = state.params
   x32 = x.astype(jnp.float32)
   aux_pre = None if aux_sel is None else aux_sel.pre
-  (loss, (codes_N, nmse, aux)), (g_dec, g_pre, g_aux_pre) = jax.value_and_grad(
+  (loss, (codes_N, nmse, aux_loss)), (g_dec, g_pre, g_aux_pre) = jax.value_and_grad(
       _sparse_loss, argnums=(0, 1, 2), has_aux=True)(
-          (p.W_dec, p.b_dec), sel.pre, aux_pre, x32, sel, aux_sel, aux_candidates,
+          (p.W_dec, p.b_dec), sel.pre, aux_pre, x32, sel, aux_sel, aux_cands,
           aux_weights, cfg, tcfg)
   rows, cols, dpre = sel.rows, sel.cols, g_pre
   if aux_sel is not None:  # one scatter for both losses; shared entries add up
@@ -180,7 +210,7 @@ def fast_train_step(state: train.TrainState, x: Float[Array, "b d"], cfg: model.
   step_metrics = {
       "loss": loss,
       "nmse": nmse,
-      "aux_loss": aux,
+      "aux_loss": aux_loss,
       "l0": jnp.sum(codes_N > 0, dtype=jnp.int32).astype(jnp.float32) / b,
       "dead_fraction": metrics.dead_fraction(usage, tcfg.dead_after_tokens),
       "learning_rate": train.learning_rate_schedule(tcfg)(state.step),

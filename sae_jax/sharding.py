@@ -84,6 +84,11 @@ def init_sharded_state(key, cfg: model.SAEConfig, tcfg: train.TrainConfig, mesh:
   return jax.jit(lambda k, s: init(k, sample=s), out_shardings=shardings)(key, sample)
 
 
+def uses_sparse_step(cfg: model.SAEConfig, mesh: Mesh, sparse: bool | None = None) -> bool:
+  """Whether :func:`jit_sharded_step` runs the sparse step for this configuration."""
+  return sparse is not False and mesh.size == 1 and fast_step.supports(cfg)
+
+
 def jit_sharded_step(cfg: model.SAEConfig, tcfg: train.TrainConfig, mesh: Mesh,
                      state_shape: train.TrainState, sparse: bool | None = None):
   """The training step jitted once with explicit in/out shardings and a donated state.
@@ -109,7 +114,7 @@ def jit_sharded_step(cfg: model.SAEConfig, tcfg: train.TrainConfig, mesh: Mesh,
         "automatically.")
   shardings = state_shardings(state_shape, mesh)
   replicated = NamedSharding(mesh, P())
-  if can_sparse and sparse is not False:
+  if uses_sparse_step(cfg, mesh, sparse):
     step = functools.partial(fast_step.fast_train_step, cfg=cfg, tcfg=tcfg)
   else:
     step = functools.partial(train.train_step, cfg=cfg, tcfg=tcfg, mesh=mesh)

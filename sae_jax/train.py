@@ -174,15 +174,24 @@ def _loss(p: sae_params.SAEParams, x, usage: metrics.FeatureUsageState,
     loss = loss + cfg.l1_coefficient * losses.l1_penalty(out.codes.astype(jnp.float32), p.W_dec)
   k_aux = min(tcfg.k_aux or losses.default_k_aux(cfg.d_model), cfg.d_sae)
   aux = jnp.zeros((), jnp.float32)
-  if tcfg.aux_loss == "aux_k":
-    dead = metrics.dead_features(usage, tcfg.dead_after_tokens)
-    aux = losses.aux_k_loss(out.pre.astype(jnp.float32), x32, recon32, p.W_dec, dead, k_aux)
-  elif tcfg.aux_loss == "aux_zipf":
-    c, s = metrics.fit_zipf(usage.density_ema)
-    under = metrics.underutilised_features(usage.density_ema, c, s, tcfg.zipf_tau)
-    weights = metrics.zipf_deficit(usage.density_ema, c, s) if tcfg.zipf_weighted else None
-    aux = losses.aux_zipf_loss(out.pre.astype(jnp.float32), x32, recon32, p.W_dec, under,
-                               k_aux, weights)
+  if tcfg.aux_loss != "none":
+    if tcfg.aux_loss == "aux_k":
+      candidates = metrics.dead_features(usage, tcfg.dead_after_tokens)
+      weights = None
+    else:
+      c, s = metrics.fit_zipf(usage.density_ema)
+      candidates = metrics.underutilised_features(usage.density_ema, c, s, tcfg.zipf_tau)
+      weights = metrics.zipf_deficit(usage.density_ema, c, s) if tcfg.zipf_weighted else None
+
+    def aux_loss(pre, recon, W_dec):
+      if tcfg.aux_loss == "aux_k":
+        return losses.aux_k_loss(pre, x32, recon, W_dec, candidates, k_aux)
+      return losses.aux_zipf_loss(pre, x32, recon, W_dec, candidates, k_aux, weights)
+
+    # With no candidate the loss and its gradient are exactly 0: skip its top-k and decode.
+    aux = jax.lax.cond(jnp.any(candidates), aux_loss,
+                       lambda *_: jnp.zeros((), jnp.float32),
+                       out.pre.astype(jnp.float32), recon32, p.W_dec)
   loss = loss + tcfg.aux_coefficient * aux
   return loss, (out, nmse, aux)
 

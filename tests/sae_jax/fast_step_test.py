@@ -75,7 +75,8 @@ class FastStepMatchesReferenceTest(parameterized.TestCase):
   # Without an auxiliary loss every rule is also covered by the tie and fallback tests.
   @parameterized.parameters(
       ("topk", "aux_k", False), ("mutual_choice", "aux_zipf", True),
-      ("feature_choice", "aux_k", False))
+      ("feature_choice", "aux_k", False), ("feature_choice_zipf", "aux_zipf", False),
+      ("feature_choice_zipf", "none", False))
   def test_same_params_and_selection_after_steps(self, allocation, aux, weighted):
     cfg, tcfg = _configs(allocation, aux, weighted)
     xs = _batches(2)
@@ -87,7 +88,8 @@ class FastStepMatchesReferenceTest(parameterized.TestCase):
     _, fast, history = _run_both(self, cfg, tcfg, xs, state)
     self.assertEqual(int(fast.step), 2)
     # The auxiliary term (and its sparse gradient) was live, not a trivial zero.
-    self.assertGreater(float(history[0]["aux_loss"]), 0.0)
+    if aux != "none":
+      self.assertGreater(float(history[0]["aux_loss"]), 0.0)
 
   def test_raw_selection_and_l1_match(self):
     cfg, tcfg = _configs("topk", select_on="raw", l1_coefficient=1e-2)
@@ -96,7 +98,7 @@ class FastStepMatchesReferenceTest(parameterized.TestCase):
   def test_ties_from_duplicated_features_and_tokens(self):
     # Features come in identical pairs and tokens in identical pairs, so every score
     # is tied with its twin column and twin row; the tie rules decide the selection.
-    for allocation in ("topk", "mutual_choice", "feature_choice"):
+    for allocation in ("topk", "mutual_choice", "feature_choice", "feature_choice_zipf"):
       cfg, tcfg = _configs(allocation)
       x_half = _batches(1, seed=5, b=B // 2)[0]
       x = jnp.repeat(x_half, 2, axis=0)
@@ -110,7 +112,7 @@ class FastStepMatchesReferenceTest(parameterized.TestCase):
       self.assertTrue((pre[::2] == pre[1::2]).all())
       _run_both(self, cfg, tcfg, [x], state)
 
-  @parameterized.parameters("topk", "mutual_choice", "feature_choice")
+  @parameterized.parameters("topk", "mutual_choice", "feature_choice", "feature_choice_zipf")
   def test_all_scores_equal(self, allocation):
     # x == b_dec and b_enc == 0: every pre-activation is exactly 0, one big tie.
     cfg, _ = _configs(allocation)
@@ -201,6 +203,34 @@ class FastStepMatchesReferenceTest(parameterized.TestCase):
     _run_both(self, cfg, tcfg, _batches(1, seed=8))
 
 
+class CapacityTiersTest(parameterized.TestCase):
+
+  def test_uniform_capacities_form_one_tier(self):
+    tiers = chunked_select.capacity_tiers(np.array([5, 5, 4, 4, 4]), chunk=16)
+    self.assertEqual(tiers, [chunked_select.Tier(0, 5, 5, 5)])
+
+  def test_zipf_tiers_cover_every_positive_capacity_within_the_ratio(self):
+    cfg = model.SAEConfig(d_model=D, d_sae=4096, allocation="feature_choice_zipf", k=32)
+    cap = model.feature_capacities(cfg, 4096)
+    tiers = chunked_select.capacity_tiers(cap, chunk=512)
+    self.assertEqual(tiers[0].start, 0)
+    for a, b in zip(tiers, tiers[1:]):
+      self.assertEqual(a.stop, b.start)
+    self.assertTrue(np.all(cap[tiers[-1].stop:] == 0))
+    for t in tiers:
+      self.assertEqual(t.capacity, cap[t.start])
+      self.assertEqual(t.width, min(t.capacity, 512))
+      self.assertTrue(np.all(cap[t.start:t.stop] * chunked_select.TIER_RATIO >= t.capacity))
+    padded = sum((t.stop - t.start) * t.capacity for t in tiers)
+    # Padding is bounded by the ratio; the proposals then cost at most 25 % extra.
+    self.assertLessEqual(padded, chunked_select.TIER_RATIO * cap.sum())
+    self.assertGreater(len(tiers), 5)
+
+  def test_increasing_capacities_are_refused(self):
+    with self.assertRaisesRegex(ValueError, "non-increasing"):
+      chunked_select.capacity_tiers(np.array([1, 3, 2]), chunk=8)
+
+
 class FastStepPropertiesTest(parameterized.TestCase):
 
   def test_no_recompilation_across_steps(self):
@@ -216,6 +246,28 @@ class FastStepPropertiesTest(parameterized.TestCase):
     np.testing.assert_allclose(np.linalg.norm(np.asarray(state.params.W_dec), axis=1), 1.0,
                                atol=1e-5)
     self.assertEqual(float(m["l0"]) <= K, True)
+
+  @parameterized.parameters("aux_k", "aux_zipf")
+  def test_auxiliary_work_is_skipped_without_candidates(self, aux):
+    cfg, tcfg = _configs("topk", aux)
+    _, plain = _configs("topk")
+    x = _batches(1, seed=12)[0]
+    state = train.init_train_state(jax.random.key(0), cfg, tcfg, x)
+    if aux == "aux_zipf":
+      # A density profile that is exactly a Zipf law: nothing falls below the fit.
+      ranks = jnp.arange(1, F + 1, dtype=jnp.float32)
+      state = state._replace(usage=state.usage._replace(
+          density_ema=0.2 / ranks, num_tokens=jnp.int32(10 * B)))
+    self.assertFalse(bool(jnp.any(fast_step.aux_candidates(state.usage, cfg, tcfg)[0])))
+    jaxpr = str(jax.make_jaxpr(partial(fast_step.fast_train_step, cfg=cfg, tcfg=tcfg,
+                                       chunk_tokens=CHUNK))(state, x))
+    self.assertIn("cond", jaxpr)
+    got, got_metrics = _FAST(state, x, cfg=cfg, tcfg=tcfg, chunk_tokens=CHUNK)
+    want, want_metrics = _FAST(state, x, cfg=cfg, tcfg=plain, chunk_tokens=CHUNK)
+    self.assertEqual(float(got_metrics["aux_loss"]), 0.0)
+    chex.assert_trees_all_close(got.params, want.params, rtol=1e-6, atol=1e-7)
+    ref, _ = _REF(state, x, cfg=cfg, tcfg=tcfg)
+    chex.assert_trees_all_close(got, ref, rtol=1e-5, atol=1e-6)
 
   def test_chunk_size_does_not_change_the_step(self):
     cfg, tcfg = _configs("topk")
@@ -245,7 +297,6 @@ class FastStepPropertiesTest(parameterized.TestCase):
   def test_bad_arguments(self):
     x = _batches(1)[0]
     for kwargs, pattern in (({"allocation": "relu"}, "allocation"),
-                            ({"allocation": "feature_choice_zipf"}, "allocation"),
                             ({"dtype": jnp.bfloat16}, "dtype"),
                             ({"param_dtype": jnp.bfloat16}, "param_dtype")):
       cfg = model.SAEConfig(d_model=D, d_sae=F, k=K, **kwargs)
