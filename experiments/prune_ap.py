@@ -121,7 +121,8 @@ def rounds_config(preset: dict, model: dict, dataset: str, method: str, arm: str
       save_every_steps=model.get("save_every_steps", 0), **overrides)
 
 
-def _load_data(model: dict, data_dir: str | None, synthetic: bool) -> datasets.Dataset:
+def load_data(model: dict, data_dir: str | None, synthetic: bool) -> datasets.Dataset:
+  """The dataset of a preset's model entry (padded to `pad_to` if set), or synthetic images."""
   if synthetic:
     shape = tuple(model.get("input_shape", (28, 28, 1)))
     return synthetic_dataset(shape=shape)
@@ -151,7 +152,7 @@ def run_experiment(preset: dict, out: str, *, data_dir: str | None = None,
                      f"with), got {list(arms)}.")
   results = {}
   for model in preset["models"]:
-    data = _load_data(model, data_dir, synthetic)
+    data = load_data(model, data_dir, synthetic)
     dataset = "synthetic" if synthetic else model["dataset"]
     for seed in model["seeds"]:
       round0 = None
