@@ -72,16 +72,32 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA, None))
 
 
+def _shape_key(tree) -> tuple:
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple((tuple(a.shape), str(a.dtype)) for a in leaves)
+
+
+# Jitted programs per (configs, mesh, shapes): a second `fit` on the same settings (a
+# resumed run, the next run of a sweep) reuses the compiled initialiser and step.
+_PROGRAMS: dict[tuple, object] = {}
+
+
+def _init_from(key, sample, *, cfg: model.SAEConfig, tcfg: train.TrainConfig):
+  return train.init_train_state(key, cfg, tcfg, sample=sample)
+
+
 def init_sharded_state(key, cfg: model.SAEConfig, tcfg: train.TrainConfig, mesh: Mesh,
                        sample=None) -> train.TrainState:
   """Initialises the train state directly in its sharded layout."""
   n_model = mesh.shape[MODEL]
   if cfg.d_sae % n_model:
     raise ValueError(f"d_sae={cfg.d_sae} must be divisible by the model axis size {n_model}.")
-  init = functools.partial(train.init_train_state, cfg=cfg, tcfg=tcfg)
-  shape = jax.eval_shape(lambda k, s: init(k, sample=s), key, sample)
-  shardings = state_shardings(shape, mesh)
-  return jax.jit(lambda k, s: init(k, sample=s), out_shardings=shardings)(key, sample)
+  init = functools.partial(_init_from, cfg=cfg, tcfg=tcfg)
+  cache_key = ("init", cfg, tcfg, mesh, _shape_key((key, sample)))
+  if cache_key not in _PROGRAMS:
+    shardings = state_shardings(jax.eval_shape(init, key, sample), mesh)
+    _PROGRAMS[cache_key] = jax.jit(init, out_shardings=shardings)
+  return _PROGRAMS[cache_key](key, sample)
 
 
 def uses_sparse_step(cfg: model.SAEConfig, mesh: Mesh, sparse: bool | None = None) -> bool:
@@ -99,7 +115,8 @@ def jit_sharded_step(cfg: model.SAEConfig, tcfg: train.TrainConfig, mesh: Mesh,
   :func:`sae_jax.train.train_step`, whose allocation is exact across the mesh.
 
   Returns ``step(state, x) -> (state, metrics)``; ``x`` is ``[b, d]`` with b divisible
-  by the data axis size.
+  by the data axis size. The same settings and state shapes return the same jitted
+  function, so its compiled program is reused across calls.
 
   Raises:
     ValueError: if ``sparse=True`` on a mesh of several devices or for a configuration
@@ -112,11 +129,16 @@ def jit_sharded_step(cfg: model.SAEConfig, tcfg: train.TrainConfig, mesh: Mesh,
         f"{fast_step.FAST_ALLOCATIONS} with float32 dtypes; got a mesh of {mesh.size} "
         f"devices and allocation={cfg.allocation!r}. Pass sparse=None to choose "
         "automatically.")
+  cache_key = ("step", cfg, tcfg, mesh, uses_sparse_step(cfg, mesh, sparse),
+               _shape_key(state_shape))
+  if cache_key in _PROGRAMS:
+    return _PROGRAMS[cache_key]
   shardings = state_shardings(state_shape, mesh)
   replicated = NamedSharding(mesh, P())
   if uses_sparse_step(cfg, mesh, sparse):
     step = functools.partial(fast_step.fast_train_step, cfg=cfg, tcfg=tcfg)
   else:
     step = functools.partial(train.train_step, cfg=cfg, tcfg=tcfg, mesh=mesh)
-  return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
-                 out_shardings=(shardings, replicated), donate_argnums=(0,))
+  _PROGRAMS[cache_key] = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
+                                 out_shardings=(shardings, replicated), donate_argnums=(0,))
+  return _PROGRAMS[cache_key]

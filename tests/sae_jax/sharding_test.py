@@ -67,13 +67,34 @@ class ShardedTrainingTest(parameterized.TestCase):
 class StepChoiceTest(parameterized.TestCase):
 
   def _step_and_state(self, mesh, allocation, sparse=None):
-    cfg = model.SAEConfig(d_model=16, d_sae=64, allocation=allocation, k=4)
-    tcfg = train.TrainConfig(learning_rate=3e-3, warmup_steps=1, total_steps=20)
+    cfg, tcfg = self._configs(allocation)
     state = sharding.init_sharded_state(jax.random.key(2), cfg, tcfg, mesh)
     return sharding.jit_sharded_step(cfg, tcfg, mesh, jax.eval_shape(lambda: state),
                                      sparse=sparse), state
 
-  @parameterized.parameters("topk", "mutual_choice", "feature_choice")
+  def test_same_settings_reuse_the_jitted_programs(self):
+    mesh = sharding.make_mesh(1, 1)
+    step_a, state = self._step_and_state(mesh, "topk")
+    step_b, _ = self._step_and_state(mesh, "topk")
+    self.assertIs(step_a, step_b)
+    dense, _ = self._step_and_state(mesh, "topk", sparse=False)
+    self.assertIsNot(dense, step_a)
+    other, _ = self._step_and_state(sharding.make_mesh(2, 1), "topk")
+    self.assertIsNot(other, step_a)
+    # The reused function still trains a fresh state of the same settings.
+    x = jax.device_put(jax.random.normal(jax.random.key(3), (64, 16)),
+                       sharding.batch_sharding(mesh))
+    first, _ = step_a(state, x)
+    fresh = sharding.init_sharded_state(jax.random.key(2), *self._configs("topk"), mesh)
+    second, _ = step_b(fresh, x)
+    np.testing.assert_array_equal(np.asarray(first.params.W_enc),
+                                  np.asarray(second.params.W_enc))
+
+  def _configs(self, allocation):
+    return (model.SAEConfig(d_model=16, d_sae=64, allocation=allocation, k=4),
+            train.TrainConfig(learning_rate=3e-3, warmup_steps=1, total_steps=20))
+
+  @parameterized.parameters("topk", "mutual_choice", "feature_choice", "feature_choice_zipf")
   def test_one_device_defaults_to_the_sparse_step(self, allocation):
     mesh = sharding.make_mesh(1, 1)
     step, state = self._step_and_state(mesh, allocation)
