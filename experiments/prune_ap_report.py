@@ -272,7 +272,9 @@ def plots(results: dict, out: str) -> list[str]:
   for (model, dataset, method), by_arm in groups(results["runs"]).items():
     tag = f"{model}_{dataset}_{method}"
     cycles = _cycles(by_arm)
-    x = [100 * _sparsity(by_arm, c) for c in cycles]
+    # Weights remaining on a log axis, densest left: equal steps per IMP cycle, as
+    # lottery-ticket plots draw them, so the high-sparsity cycles are not crowded.
+    x = [100 * (1 - _sparsity(by_arm, c)) for c in cycles]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, arm in enumerate(_arms(by_arm)):
       for ax, key in zip(axes, ("test_accuracy", "dnr")):
@@ -281,9 +283,12 @@ def plots(results: dict, out: str) -> list[str]:
     if any(values(by_arm, HOST, c, "test_accuracy_bn_recal") for c in cycles):
       _band(axes[0], x, [values(by_arm, HOST, c, "test_accuracy_bn_recal") for c in cycles],
             "k", "host + BN recalibration", ":")
-    axes[0].set(xlabel="sparsity (%)", ylabel="test accuracy (%)")
-    axes[1].set(xlabel="sparsity (%)", ylabel="test DNR (% of ReLU outputs at 0)")
+    axes[0].set(xlabel="weights remaining (%)", ylabel="test accuracy (%)")
+    axes[1].set(xlabel="weights remaining (%)", ylabel="test DNR (% of ReLU outputs at 0)")
     for ax in axes:
+      ax.set_xscale("log")
+      ax.invert_xaxis()
+      ax.set_xticks([100, 50, 20, 10, 5, 2], ["100", "50", "20", "10", "5", "2"])
       ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{model} on {dataset}, host {method}: mean and 95 % CI over seeds")
