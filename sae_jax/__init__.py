@@ -19,6 +19,7 @@ from sae_jax import losses
 from sae_jax import metrics
 from sae_jax import model
 from sae_jax import params
+from sae_jax import recovery
 from sae_jax import sharded_allocation
 from sae_jax import sharding
 from sae_jax import sparse
