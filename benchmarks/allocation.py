@@ -19,7 +19,6 @@ Writes ``benchmarks/results/allocation.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from benchmarks import output
 from sae_jax import allocation
 
 
@@ -162,10 +162,7 @@ def main(argv=None) -> dict:
       "repeats": args.repeats,
       "rows": rows,
   }
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as fh:
-    json.dump(result, fh, indent=2)
-  print(f"wrote {args.out}")
+  output.write_result(result, args.out)
   return result
 
 

@@ -27,7 +27,6 @@ Writes ``benchmarks/results/fit_loop.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -38,6 +37,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from benchmarks import output
 from sae_jax import model
 from sae_jax import sharding
 from sae_jax import train
@@ -296,10 +296,7 @@ def main(argv=None) -> dict:
                   "devices": [str(dv) for dv in jax.devices()],
                   "load_average": list(os.getloadavg())},
   }
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as fh:
-    json.dump(result, fh, indent=2)
-  print(f"wrote {args.out}")
+  output.write_result(result, args.out)
   return result
 
 

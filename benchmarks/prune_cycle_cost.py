@@ -15,7 +15,6 @@ Writes ``benchmarks/results/prune_cycle_cost.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -23,6 +22,7 @@ import time
 from flax import nnx
 import jax
 
+from benchmarks import output
 from experiments import prune_ap
 from pruning_jax import masks as masks_lib
 from pruning_jax import models
@@ -93,10 +93,7 @@ def main(argv=None) -> dict:
                         "cpu_count": os.cpu_count(), "jax": jax.__version__,
                         "backend": jax.default_backend(),
                         "devices": [str(d) for d in jax.devices()]}}
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as fh:
-    json.dump(result, fh, indent=2)
-  print(f"wrote {args.out}")
+  output.write_result(result, args.out)
   return result
 
 

@@ -22,7 +22,6 @@ Writes benchmarks/results/pruning.json (or --out).
 """
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -33,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import output
 from pruning_jax import ap
 from pruning_jax import masks as masks_lib
 from pruning_jax import models
@@ -185,10 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
       "vmap_speedup": {name: row["vmap_speedup"] for name, row in vmap.items()},
       "dnr": dnr, "ap": ap_row, "vmap": vmap,
   }
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as fh:
-    json.dump(result, fh, indent=2)
-  print(f"wrote {args.out}")
+  output.write_result(result, args.out)
   return result
 
 

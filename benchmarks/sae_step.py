@@ -23,7 +23,6 @@ Writes ``benchmarks/results/sae_step.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -33,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import output
 from sae_jax import fast_step
 from sae_jax import model
 from sae_jax import sharding
@@ -174,10 +174,7 @@ def main(argv=None) -> dict:
                   "backend": jax.default_backend(),
                   "devices": [str(dv) for dv in jax.devices()]},
   }
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as fh:
-    json.dump(result, fh, indent=2)
-  print(f"wrote {args.out}")
+  output.write_result(result, args.out)
   return result
 
 

@@ -101,11 +101,11 @@ def usage_update(state: metrics.FeatureUsageState, sel: Selection, codes: Float[
   blended_F = decay * state.density_ema + (1.0 - decay) * density_F
   density_ema = jnp.where(state.num_tokens == 0, density_F, blended_F)
   tokens_since_fired = jnp.where(
-      count_F > 0, 0, metrics._saturating_add(state.tokens_since_fired, num_tokens))
+      count_F > 0, 0, metrics.saturating_add(state.tokens_since_fired, num_tokens))
   return metrics.FeatureUsageState(
       density_ema=density_ema.astype(jnp.float32),
       tokens_since_fired=tokens_since_fired.astype(jnp.int32),
-      num_tokens=metrics._saturating_add(state.num_tokens, num_tokens).astype(jnp.int32))
+      num_tokens=metrics.saturating_add(state.num_tokens, num_tokens).astype(jnp.int32))
 
 
 def threshold_update(threshold: Float[Array, "f"], sel: Selection, codes: Float[Array, "n"],

@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 
-def _capacity_array(capacity, b: int, f: int, max_capacity) -> tuple[Array | np.ndarray | int, int]:
+def capacity_array(capacity, b: int, f: int, max_capacity) -> tuple[Array | np.ndarray | int, int]:
   """Validates a capacity argument; returns (capacity, static maximum capacity).
 
   The capacity comes back as an int, a NumPy array (concrete, so tiers can be planned on
@@ -179,7 +179,7 @@ _Entries = list[tuple[Array, Array, Array | None]]
 
 def _select(scores, capacity, max_capacity, feature_major: bool) -> _Entries:
   f, b = scores.shape if feature_major else scores.shape[::-1]
-  cap, m = _capacity_array(capacity, b, f, max_capacity)
+  cap, m = capacity_array(capacity, b, f, max_capacity)
   if isinstance(cap, int):
     return _top_tokens(scores, feature_major, None, m, None)
   if not isinstance(cap, np.ndarray):  # traced: only the static bound is known

@@ -96,7 +96,7 @@ def _adam(g, p, mu, nu, s: _AdamScalars):
 
 
 def _project(g_FxD, w_FxD):  # params.remove_parallel_component, without its checks
-  unit = sae_params._unit_rows(w_FxD)
+  unit = sae_params.unit_rows(w_FxD)
   return g_FxD - jnp.sum(g_FxD * unit, axis=-1, keepdims=True) * unit
 
 
@@ -205,7 +205,7 @@ def update(params: sae_params.SAEParams, grads: sae_params.SAEParams, opt_state,
                                 (adam.mu.W_dec, adam.nu.W_dec),
                                 [(grads.W_dec, 0), (params.W_dec, 0)], axis=0)
   with jax.named_scope("decoder_apply"):
-    (W_dec,) = _in_blocks(lambda w, m, v: (sae_params._unit_rows(_apply(w, m, v, s)),),
+    (W_dec,) = _in_blocks(lambda w, m, v: (sae_params.unit_rows(_apply(w, m, v, s)),),
                           (params.W_dec,), [(mu_dec, 0), (nu_dec, 0)], axis=0)
   b_enc, mu_benc, nu_benc = _adam(grads.b_enc, params.b_enc, adam.mu.b_enc, adam.nu.b_enc, s)
   b_dec, mu_bdec, nu_bdec = _adam(grads.b_dec, params.b_dec, adam.mu.b_dec, adam.nu.b_dec, s)

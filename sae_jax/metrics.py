@@ -158,7 +158,8 @@ def feature_usage_init(num_features: int) -> FeatureUsageState:
   )
 
 
-def _saturating_add(counter: Int[Array, "..."], amount: int) -> Int[Array, "..."]:
+def saturating_add(counter: Int[Array, "..."], amount: int) -> Int[Array, "..."]:
+  """``counter + amount``, held at the int32 maximum instead of wrapping around."""
   # Compare before adding so the int32 sum itself can never wrap around.
   return jnp.where(counter > INT32_MAX - amount, INT32_MAX, counter + amount)
 
@@ -208,11 +209,11 @@ def feature_usage_update(
   density_ema = jnp.where(state.num_tokens == 0, density_F, blended_F)
   fired_F = jnp.any(fired_BxF, axis=0)
   tokens_since_fired = jnp.where(
-      fired_F, 0, _saturating_add(state.tokens_since_fired, num_tokens))
+      fired_F, 0, saturating_add(state.tokens_since_fired, num_tokens))
   return FeatureUsageState(
       density_ema=density_ema.astype(jnp.float32),
       tokens_since_fired=tokens_since_fired.astype(jnp.int32),
-      num_tokens=_saturating_add(state.num_tokens, num_tokens).astype(jnp.int32),
+      num_tokens=saturating_add(state.num_tokens, num_tokens).astype(jnp.int32),
   )
 
 

@@ -36,7 +36,8 @@ class SAEParams(NamedTuple):
   b_dec: Float[Array, " d"]
 
 
-def _unit_rows(w_FxD: Float[Array, "f d"]) -> Float[Array, "f d"]:
+def unit_rows(w_FxD: Float[Array, "f d"]) -> Float[Array, "f d"]:
+  """Each row divided by its norm (rows of zero norm stay zero)."""
   # The norm is taken in at least float32 so bfloat16 rows still come out at
   # unit norm to within the storage precision.
   w32_FxD = w_FxD.astype(jnp.promote_types(w_FxD.dtype, jnp.float32))
@@ -62,7 +63,7 @@ def normalize_decoder(params: SAEParams) -> SAEParams:
     ``params`` with ``W_dec`` replaced by its row-normalised version; the other
     fields are returned unchanged.
   """
-  return params._replace(W_dec=_unit_rows(params.W_dec))
+  return params._replace(W_dec=unit_rows(params.W_dec))
 
 
 def remove_parallel_component(
@@ -93,7 +94,7 @@ def remove_parallel_component(
     raise ValueError(
         "grad_FxD and W_dec must both be [f, d] with equal shapes; got "
         f"grad_FxD.shape={grad_FxD.shape} and W_dec.shape={W_dec.shape}.")
-  unit_FxD = _unit_rows(W_dec).astype(grad_FxD.dtype)
+  unit_FxD = unit_rows(W_dec).astype(grad_FxD.dtype)
   parallel_Fx1 = jnp.sum(grad_FxD * unit_FxD, axis=-1, keepdims=True)
   return grad_FxD - parallel_Fx1 * unit_FxD
 
@@ -164,7 +165,7 @@ def tied_init(
   bound = 1.0 / (d_model ** 0.5)
   W_enc = jax.random.uniform(
       key, (d_model, d_sae), jnp.float32, minval=-bound, maxval=bound)
-  W_dec = _unit_rows(W_enc.T)
+  W_dec = unit_rows(W_enc.T)
   return SAEParams(
       W_enc=W_enc.astype(dtype),
       b_enc=jnp.zeros((d_sae,), dtype),

@@ -97,7 +97,7 @@ def feature_choice_sharded(scores: Float[Array, "b f"], capacity: int | Int[Arra
   """:func:`sae_jax.allocation.feature_choice` over scores sharded ``P("data", "model")``."""
   n_data, n_model = _check_divisible(scores, mesh)
   b, f = scores.shape
-  cap, m = feature_choice_select._capacity_array(capacity, b, f, max_capacity)
+  cap, m = feature_choice_select.capacity_array(capacity, b, f, max_capacity)
   if m == 0:
     return jnp.zeros((b, f), bool)
   cap_arr = jnp.full((f,), m, jnp.int32) if isinstance(cap, int) else jnp.asarray(cap, jnp.int32)
