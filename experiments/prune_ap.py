@@ -34,15 +34,14 @@ References:
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import time
 
-import jax
 import numpy as np
 
 from experiments import prune_ap_report as report
+from experiments import reporting
 from pruning_jax import datasets
 from pruning_jax import rounds
 from pruning_jax import train as train_lib
@@ -188,8 +187,7 @@ def run_experiment(preset: dict, out: str, *, data_dir: str | None = None,
               "command": command, "wall_seconds": time.perf_counter() - start,
               "run_seconds": timings,
               "cycle_seconds": {m: float(np.median(v)) for m, v in cycle_seconds.items() if v},
-              "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                          "jax": jax.__version__, "backend": jax.default_backend()},
+              "machine": reporting.machine(),
               "runs": rows}
           write_outputs(results, out)
   return results

@@ -17,10 +17,12 @@ import os
 
 import matplotlib
 import numpy as np
-from scipy import stats as scipy_stats
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt
+
+from experiments.reporting import confidence_interval
+from experiments.reporting import holds
 
 HOST = "host"
 ARM_LABELS = {
@@ -30,23 +32,6 @@ ARM_LABELS = {
     "random_q": "random-q control",
     "most_negative_q": "most-negative-q control",
 }
-
-
-def confidence_interval(values: Sequence[float], level: float = 0.95
-                        ) -> tuple[float, float, float, int]:
-  """(mean, low, high, n) of `values`, a Student-t interval for the mean.
-
-  With fewer than two values the interval is (nan, nan): one seed has no spread.
-  """
-  x = np.asarray(values, np.float64)
-  n = len(x)
-  if n == 0:
-    return math.nan, math.nan, math.nan, 0
-  mean = float(x.mean())
-  if n < 2:
-    return mean, math.nan, math.nan, n
-  half = float(scipy_stats.t.ppf(0.5 + level / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
-  return mean, mean - half, mean + half, n
 
 
 def groups(rows: list[dict]) -> dict:
@@ -164,16 +149,6 @@ def _mean_over_pruned(by_arm: dict, arm: str, key: str) -> list[float]:
   return [float(np.mean(v)) for s, v in sorted(per_seed.items()) if len(v) == full]
 
 
-def _holds(low: float, high: float, sign: int) -> str:
-  if math.isnan(low):
-    return "undecided (one seed)"
-  if sign * low > 0 and sign * high > 0:
-    return "holds"
-  if sign * low < 0 and sign * high < 0:
-    return "opposite holds"
-  return "not shown (CI spans 0)"
-
-
 def verdicts(rows: list[dict]) -> list[dict]:
   """One verdict per (claim, model, method) with the numbers behind it.
 
@@ -194,7 +169,7 @@ def verdicts(rows: list[dict]) -> list[dict]:
     where = f"{model} / {dataset} / {method}"
     out.append({"claim": "DNR falls as sparsity rises (host, last cycle − dense)",
                 "where": where, "mean": mean, "low": low, "high": high, "seeds": n,
-                "sparsity": _sparsity(by_arm, last), "verdict": _holds(low, high, -1)})
+                "sparsity": _sparsity(by_arm, last), "verdict": holds(low, high, -1)})
     for arm in _arms(by_arm):
       if arm == HOST:
         continue
@@ -207,7 +182,7 @@ def verdicts(rows: list[dict]) -> list[dict]:
           mean, low, high, n = confidence_interval(diffs)
           out.append({"claim": f"{arm} {claim} ({label})", "where": where, "arm": arm,
                       "key": key, "mean": mean, "low": low, "high": high, "seeds": n,
-                      "verdict": _holds(low, high, sign)})
+                      "verdict": holds(low, high, sign)})
   return out
 
 

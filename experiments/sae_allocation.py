@@ -1,21 +1,36 @@
-"""Allocation strategies compared on real MiniLM activations: TopK, MC/BatchTopK, FC.
+"""Allocation strategies compared: TopK, MC/BatchTopK, FC, FC-Zipf, with and without aux losses.
 
 Run:
   python -m experiments.sae_allocation --preset cpu --out runs/sae_allocation
+  python -m experiments.sae_allocation --preset cpu-long --out runs/sae_cpu_long  # resumes
   python experiments/sae_allocation.py --preset cpu --out runs/sae_allocation
   python -m experiments.sae_allocation --preset paper --store PATH --out DIR   # GPU/TPU
 
-Pipeline: harvest the residual stream after block ``layer`` of all-MiniLM-L6-v2 (pure
-JAX, real weights) on the default text corpora into an activation store (cached; an
-interrupted harvest resumes), then train every strategy at the same mean L0 on the same
-batches, evaluate each in batched and thresholded (batch-independent) mode, and splice
-reconstructions back into MiniLM to measure downstream fidelity. Writes ``results.json``
-(list ``runs``), ``results.md`` and PNG plots into ``--out``; every SAE is also exported
-in the SAELens layout under ``--out/saes/``.
+Sources (``--sources``): ``minilm`` harvests the residual stream after block ``layer`` of
+all-MiniLM-L6-v2 (pure JAX, real weights) on the default text corpora into an activation
+store (cached; an interrupted harvest resumes), evaluates on held-out documents, splices
+reconstructions back into MiniLM (fidelity against zero and mean ablation) and probes the
+codes for the corpus a token came from (k-sparse probing); ``synthbench`` draws
+activations with known features (`sae_jax.data.synthbench`) once into a store and scores
+every SAE against the truth (`sae_jax.recovery`: MCC, F1 at |cos| >= 0.8).
 
-Presets (``--preset``): ``cpu`` fits 15 minutes on 2 CPU cores; ``paper`` is the
-GPT-2-small-scale setting of the paper (d=768 activations from ``--store``, 32768
-features, k=32, batch 4096) for GPU/TPU; ``smoke`` is a seconds-long end-to-end check.
+Every strategy trains at the same k on the same batches; with several ``--seeds`` each
+seed has its own data order and initialisation, shared by all strategies, so
+differences are paired. Each finished run leaves its row under ``--out/rows/``; a rerun of
+the same command skips finished runs and resumes an interrupted one from its checkpoint,
+and ``results.json`` (list ``runs``), ``results.md`` (means, spreads, paired 95 %
+intervals and verdicts, `experiments.sae_report`) and PNG plots in ``--out`` are rewritten
+after every run. The first seed's SAEs are exported in the SAELens layout under
+``--out/saes/``.
+
+Presets (``--preset``): ``cpu`` fits 15 minutes on 2 CPU cores (MiniLM, one seed, the
+main table at k=16 plus a k sweep); ``cpu-long`` trains TopK, MC, FC and FC-Zipf, each with
+no aux loss, aux_k and aux_zipf, at k in {16, 8, 32} (in that order), then the k sweep
+{4, 64} without aux loss, on the synthetic ``cpu`` benchmark and on 2M MiniLM tokens,
+seeds 0-2, 4000 steps x 512 tokens per run: many hours on 2 cores, so it is meant to be
+rerun until done; ``paper`` is the GPT-2-small-scale setting of the paper (d=768
+activations from ``--store``, 32768 features, k=32, batch 4096) for GPU/TPU; ``smoke`` is
+a seconds-long end-to-end check.
 """
 
 from __future__ import annotations
@@ -26,19 +41,25 @@ import itertools
 import json
 import os
 import pathlib
+import shlex
 import sys
 import time
+from collections.abc import Callable
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from experiments import reporting
+from experiments import sae_report as report
 from sae_jax import evaluate
 from sae_jax import export
 from sae_jax import model
-from sae_jax import plots
+from sae_jax import probing
+from sae_jax import recovery
 from sae_jax import train
 from sae_jax import trainer
 from sae_jax.data import batches as batches_lib
@@ -46,6 +67,7 @@ from sae_jax.data import corpus
 from sae_jax.data import harvest
 from sae_jax.data import minilm
 from sae_jax.data import store as store_lib
+from sae_jax.data import synthbench
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,18 +87,42 @@ class Preset:
   dead_after_tokens: int = 50_000
   l1_coefficient: float = 5e-3
   eval_batches: int = 8
-  seed: int = 0
+  seeds: tuple[int, ...] = (0,)
+  sources: tuple[str, ...] = ("minilm",)
+  grid: str = "main"
+  k_values: tuple[int, ...] = ()
+  synthbench: str = "cpu"
+  synth_tokens: int = 2_000_000
+  synth_eval_tokens: int = 4096
+  synth_width: float = 0.25
+  probe_windows: int = 32
 
 
 PRESETS = {
     "cpu": Preset(),
     "smoke": Preset(harvest_tokens=4_000, eval_windows=4, expansion=2, k=8, k_sweep=(4,),
-                    batch_size=128, steps=6, dead_after_tokens=256, eval_batches=2),
+                    batch_size=128, steps=6, dead_after_tokens=256, eval_batches=2,
+                    synthbench="smoke", synth_tokens=2048, synth_eval_tokens=256,
+                    probe_windows=4),
     "paper": Preset(layer=3, window=128, harvest_tokens=200_000_000, eval_windows=512,
                     expansion=0, k=32, k_sweep=(16, 64), batch_size=4096, steps=50_000,
                     learning_rate=4e-4, dead_after_tokens=10_000_000, eval_batches=64),
 }
+PRESETS["cpu-long"] = Preset(
+    harvest_tokens=2_000_000, eval_windows=96, expansion=4, k=16, k_values=(16, 8, 32),
+    k_sweep=(4, 64), batch_size=512, steps=4000, learning_rate=2e-3,
+    dead_after_tokens=200_000, eval_batches=8, seeds=(0, 1, 2),
+    sources=("synthbench", "minilm"), grid="full", synth_tokens=2_000_000)
 PAPER_D_SAE = 32768
+# The generative model of the synthetic source is fixed (every SAE seed faces the same
+# true features); the stored token stream has its own seed.
+SYNTH_MODEL_SEED = 0
+SYNTH_STREAM_SEED = 0
+AUX_LOSSES = train.AUX_LOSSES
+# Tokens of the b_dec initialisation sample.
+INIT_SAMPLE = 4096
+# k of k-sparse probing (SAEBench uses 1, 2 and 5).
+PROBE_KS = (1, 2, 5, 20)
 
 # (allocation, aux loss) pairs of the main table, all at the preset's k.
 MAIN_RUNS = (
@@ -127,11 +173,12 @@ def corpus_specs(text_paths) -> list:
   return specs or [corpus.CorpusSpec(sources=("default",))]
 
 
-def balanced_documents(specs, held_out: bool, every: int = 25):
+def balanced_documents(specs, held_out: bool, every: int = 25, with_source: bool = False):
   """Documents of every source, the one with the fewest characters emitted next.
 
   Every ``every``-th document is held out for evaluation (``held_out=True`` yields only
-  those); the stream is deterministic, so a resumed harvest sees the same windows.
+  those); the stream is deterministic, so a resumed harvest sees the same windows. With
+  ``with_source`` each item is ``(index of its spec, text)``.
   """
   iters = [corpus.iter_documents(spec) for spec in specs]
   chars = [0] * len(iters)
@@ -145,7 +192,7 @@ def balanced_documents(specs, held_out: bool, every: int = 25):
       continue
     chars[j] += len(doc[1])
     if (i % every == 0) == held_out:
-      yield doc[1]
+      yield (j, doc[1]) if with_source else doc[1]
     i += 1
 
 
@@ -197,12 +244,54 @@ def eval_set(preset: Preset, bert_params, bert_cfg, tokenizer, specs):
   return ids, mask, np.asarray(hidden)[keep]
 
 
+def probe_set(preset: Preset, bert_params, bert_cfg, tokenizer, specs
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """Held-out real-token activations labelled by the corpus they come from.
+
+  Up to ``probe_windows`` windows per corpus, each packed from that corpus's held-out
+  documents only (the same held-out rule as :func:`eval_set`, so never trained on).
+  Returns ``(activations [n, d], labels [n])``; corpora without held-out text are left out.
+  """
+  texts: list[list[str]] = [[] for _ in specs]
+  budget = preset.probe_windows * preset.window * 8  # characters: ~4 per word piece, x2
+  used = [0] * len(specs)
+  for j, text in balanced_documents(specs, held_out=True, with_source=True):
+    if used[j] < budget:
+      texts[j].append(text)
+      used[j] += len(text)
+    if min(used) >= budget:
+      break
+  xs, labels = [], []
+  for j, docs in enumerate(texts):
+    if not docs:
+      continue
+    ids, mask = minilm.text_windows(tokenizer, docs, preset.window)
+    ids, mask = ids[:preset.probe_windows], mask[:preset.probe_windows]
+    hidden = np.concatenate([
+        np.asarray(minilm.bert_forward(bert_params, bert_cfg, ids[i:i + 32], mask[i:i + 32],
+                                       output_layer=preset.layer).hidden_states[preset.layer])
+        for i in range(0, len(ids), 32)])
+    kept = hidden[harvest.exclude_tokens([101, 102])(ids, mask)]
+    xs.append(kept)
+    labels.append(np.full(len(kept), j, np.int64))
+  return np.concatenate(xs), np.concatenate(labels)
+
+
 def run_configs(preset: Preset, d_model: int, d_sae: int):
-  """(name, SAEConfig, TrainConfig) of every run: the main table, then the k sweep."""
+  """(name, SAEConfig, TrainConfig) of every run, in the order they train.
+
+  ``grid="main"``: the main table at ``k``, then the k sweep without aux loss.
+  ``grid="full"``: every allocation of ``SWEEP_ALLOCATIONS`` with every aux loss of
+  ``AUX_LOSSES`` at each k of ``k_values`` (the first k first), then the k sweep.
+  """
+  if preset.grid == "main":
+    pairs = [(r, preset.k) for r in MAIN_RUNS]
+  else:
+    pairs = [((a, aux), k) for k in preset.k_values for a in SWEEP_ALLOCATIONS
+             for aux in AUX_LOSSES]
+  pairs += [((a, "none"), k) for k in preset.k_sweep for a in SWEEP_ALLOCATIONS]
   runs = []
-  for (allocation, aux), k in itertools.chain(
-      ((r, preset.k) for r in MAIN_RUNS),
-      (((a, "none"), k) for k in preset.k_sweep for a in SWEEP_ALLOCATIONS)):
+  for (allocation, aux), k in pairs:
     cfg = model.SAEConfig(d_model=d_model, d_sae=d_sae, allocation=allocation, k=k,
                           l1_coefficient=preset.l1_coefficient if allocation == "relu" else 0.0)
     tcfg = train.TrainConfig(learning_rate=preset.learning_rate,
@@ -212,8 +301,132 @@ def run_configs(preset: Preset, d_model: int, d_sae: int):
   return runs
 
 
-def evaluate_run(state, cfg, preset, eval_x, scale, bert, eval_ids, eval_mask,
-                 mean_activation):
+@dataclasses.dataclass
+class Source:
+  """One activation source of the comparison and what it can be evaluated against.
+
+  Attributes:
+    name: ``"minilm"`` or ``"synthbench"``.
+    d: activation width.
+    make_batches: ``(batch_size, seed) -> iterator`` of unscaled training batches with
+      the trainer's ``state``/``restore`` protocol.
+    init_sample: unscaled activations for the ``b_dec`` initialisation.
+    store, store_tokens: the training store and its size (None when sampled per batch).
+    scale: input normalisation (mean squared norm ``d`` after scaling).
+    eval_x: held-out activations (unscaled), never trained on.
+    d_sae: dictionary width of every SAE on this source.
+    layer, context_size: where the activations come from (None for synthetic data).
+    fidelity: ``(state, cfg, theta) -> dict`` splicing into the LM, or None.
+    features, eval_codes: true feature vectors and the true codes of ``eval_x`` (None
+      for real activations).
+    probe_x, probe_labels: held-out activations (unscaled) and labels for k-sparse
+      probing (which corpus a token came from), or None.
+    probe_raw: k-sparse probing accuracy of the raw activations, by k.
+    description: one line for the report.
+  """
+
+  name: str
+  d: int
+  make_batches: Callable
+  init_sample: np.ndarray
+  store: str | None
+  store_tokens: int | None
+  scale: float
+  eval_x: np.ndarray
+  d_sae: int
+  layer: int | None = None
+  context_size: int | None = None
+  fidelity: Callable | None = None
+  features: np.ndarray | None = None
+  eval_codes: np.ndarray | None = None
+  probe_x: np.ndarray | None = None
+  probe_labels: np.ndarray | None = None
+  probe_raw: dict | None = None
+  description: str = ""
+
+
+def minilm_source(args, preset: Preset) -> Source:
+  """MiniLM's residual stream: harvested store, held-out windows, LM splicing."""
+  bert_params, bert_cfg = minilm.load_minilm()
+  tokenizer = minilm.load_tokenizer()
+  specs = corpus_specs(args.text)
+  reader = harvest_store(args, preset, bert_params, bert_cfg, tokenizer, specs)
+  d_model = reader.d
+  d_sae = PAPER_D_SAE if preset.expansion == 0 else int(preset.expansion * d_model)
+  scale = float(np.sqrt(d_model) / reader.stats.norm_mean)
+  eval_ids, eval_mask, eval_x = eval_set(preset, bert_params, bert_cfg, tokenizer, specs)
+
+  def fidelity(state, cfg, theta):
+    return evaluate.fidelity(state.params, cfg, bert_params, bert_cfg, eval_ids, eval_mask,
+                             preset.layer, normalization={"mean": 0.0, "scale": 1.0 / scale},
+                             threshold=theta, mean_activation=reader.stats.mean)
+
+  corpora = ", ".join("+".join(s.sources) for s in specs)
+  probe_x = probe_labels = probe_raw = None
+  if len(specs) > 1 and preset.probe_windows > 0:
+    probe_x, probe_labels = probe_set(preset, bert_params, bert_cfg, tokenizer, specs)
+    if len(np.unique(probe_labels)) > 1:
+      probe_raw = _probe(probe_x * np.float32(scale), probe_labels)
+    else:
+      probe_x = probe_labels = None
+  return Source("minilm", *_store_fields(reader), scale, eval_x, d_sae, layer=preset.layer,
+                context_size=preset.window, fidelity=fidelity, probe_x=probe_x,
+                probe_labels=probe_labels, probe_raw=probe_raw,
+                description=(f"all-MiniLM-L6-v2 residual stream after block {preset.layer} "
+                             f"({corpora}), {reader.count} harvested tokens, d={d_model}"))
+
+
+def _store_fields(reader) -> tuple:
+  """(d, make_batches, init_sample, store, store_tokens) of a store source."""
+  return (reader.d,
+          lambda batch_size, seed: batches_lib.ShuffledBatches(reader, batch_size, seed),
+          reader.read(0, min(reader.count, INIT_SAMPLE)), str(reader.path), reader.count)
+
+
+def synthbench_source(args, preset: Preset) -> Source:
+  """SynthSAEBench-style activations with known features.
+
+  With ``synth_tokens > 0`` the tokens are drawn once into a store that every run reads
+  (what a CPU affords: drawing costs more than a small SAE step); with 0 every batch is
+  drawn fresh on the device (seed ``s`` of the comparison draws stream ``1 + s``).
+  Evaluation tokens come from a stream no training batch uses.
+  """
+  bench_cfg = synthbench.synthbench_preset(preset.synthbench)
+  bench = synthbench.make_synthbench(jax.random.key(SYNTH_MODEL_SEED), bench_cfg)
+  held_out = synthbench.SynthBenchBatches(bench, 1, SYNTH_STREAM_SEED)
+  eval_x, eval_codes = held_out.sample_with_codes(preset.synth_eval_tokens)
+  if preset.synth_tokens > 0:
+    name = f"synthbench_{preset.synthbench}_m{SYNTH_MODEL_SEED}_{preset.synth_tokens}"
+    reader = synthbench.write_synthbench_store(
+        pathlib.Path(args.cache) / name, bench, preset.synth_tokens, seed=SYNTH_STREAM_SEED,
+        source=f"synthbench:{preset.synthbench}", progress=not args.quiet)
+    fields = _store_fields(reader)
+    norm_mean = reader.stats.norm_mean
+    tokens = f"{reader.count} stored tokens"
+  else:
+    init = held_out.sample(INIT_SAMPLE, offset=2**30 + 1)
+    fields = (bench_cfg.d_model,
+              lambda batch_size, seed: synthbench.SynthBenchBatches(bench, batch_size, 1 + seed),
+              init, None, None)
+    norm_mean = float(np.linalg.norm(init, axis=1).mean())
+    tokens = "fresh tokens every batch"
+  d_sae = max(1, int(round(preset.synth_width * bench_cfg.num_features)))
+  scale = float(np.sqrt(fields[0]) / norm_mean)
+  return Source("synthbench", *fields, scale, eval_x, d_sae,
+                features=np.asarray(bench.features), eval_codes=eval_codes,
+                description=(f"synthbench '{preset.synthbench}': d={bench_cfg.d_model}, "
+                             f"{bench_cfg.num_features} true features, true L0 "
+                             f"{synthbench.true_l0(bench):.2f} ({synthbench.true_l0(bench, top=d_sae):.2f} "
+                             f"in the {d_sae} most frequent), mean max |cos| "
+                             f"{float(bench.mean_max_cos):.3f}; {tokens}"))
+
+
+SOURCES = {"minilm": minilm_source, "synthbench": synthbench_source}
+
+
+def evaluate_run(state, cfg, preset: Preset, source: Source) -> dict:
+  """Scalar results of one trained SAE on its source's held-out tokens."""
+  scale, eval_x = source.scale, source.eval_x
   bs = min(preset.batch_size, len(eval_x))
   n_batches = max(1, min(preset.eval_batches, len(eval_x) // bs))
   batches = [eval_x[i * bs:(i + 1) * bs] * np.float32(scale) for i in range(n_batches)]
@@ -221,10 +434,99 @@ def evaluate_run(state, cfg, preset, eval_x, scale, bert, eval_ids, eval_mask,
   theta = state.threshold if cfg.allocation in CALIBRATED else None
   stats = evaluate.evaluate_sae(state.params, cfg, iter(batches), threshold=theta,
                                 num_batches=n_batches)
-  fid = evaluate.fidelity(state.params, cfg, bert[0], bert[1], eval_ids, eval_mask,
-                          preset.layer, normalization={"mean": 0.0, "scale": 1.0 / scale},
-                          threshold=theta, mean_activation=mean_activation)
-  return stats, fid
+  row = {k: v for k, v in stats.items() if _is_scalar(v)}
+  row["l0_histogram"] = np.asarray(stats["l0_histogram"]).tolist()
+  if source.fidelity is not None:
+    row.update({k: v for k, v in source.fidelity(state, cfg, theta).items() if _is_scalar(v)})
+  if source.features is not None:
+    x = np.concatenate(batches)
+    out = model.forward(state.params, x, cfg)
+    scores = recovery.recovery_scores(np.asarray(state.params.W_dec), source.features, x,
+                                      np.asarray(out.recon), np.asarray(out.codes),
+                                      source.eval_codes[:len(x)])
+    row.update({f"recovery_{k}": float(v) for k, v in scores._asdict().items()})
+  if source.probe_x is not None:
+    codes = model.inference_codes(state.params, jnp.asarray(source.probe_x * np.float32(scale)),
+                                  cfg, theta)
+    row.update({f"probe_k{k}": v for k, v in _probe(np.asarray(codes), source.probe_labels).items()})
+  if cfg.allocation == "mutual_choice":
+    row["mc_equals_batch_topk"] = mutual_choice_matches_batch_topk(state.params, cfg, batches)
+  return row
+
+
+def _probe(features: np.ndarray, labels: np.ndarray) -> dict[int, float]:
+  """k-sparse probing accuracy (one-vs-rest over corpora, averaged) at ``PROBE_KS``."""
+  ks = tuple(k for k in PROBE_KS if k <= features.shape[1])
+  return {k: float(v) for k, v in probing.k_sparse_probe(features, labels, ks=ks).items()}
+
+
+def mutual_choice_matches_batch_topk(params, cfg, batches) -> float:
+  """Fraction of batches whose Mutual Choice mask equals an independent BatchTopK mask.
+
+  The reference flattens the ``[b, f]`` pre-activations and keeps the ``round(k * b)``
+  largest positive entries with ``lax.top_k`` (Bussmann et al. 2024's BatchTopK), written
+  apart from ``model.allocate``. Ties between equal scores are broken differently by the
+  two, so a batch with tied scores at the cut could differ; with float32 scores that is
+  rare and is counted against the claim.
+  """
+  same = []
+  for x in batches:
+    pre = model.encode_pre(params, jnp.asarray(x), cfg)
+    budget = int(round(cfg.k * pre.shape[0]))
+    values, flat_idx = jax.lax.top_k(pre.reshape(-1), budget)
+    ref = jnp.zeros(pre.size, bool).at[flat_idx].set(values > 0).reshape(pre.shape)
+    mc = model.forward(params, jnp.asarray(x), cfg).codes > 0
+    same.append(bool(jnp.array_equal(ref, mc)))
+  return float(np.mean(same))
+
+
+def training_curve(run_dir: pathlib.Path, batch_size: int) -> list[dict]:
+  """The run's logged training metrics against tokens seen."""
+  curve = []
+  with open(run_dir / trainer.METRICS_FILE) as fh:
+    for line in map(json.loads, fh):
+      curve.append({"tokens": line["step"] * batch_size, "nmse": line["nmse"],
+                    "dead_fraction": line["dead_fraction"], "l0": line["l0"],
+                    "aux_loss": line["aux_loss"]})
+  return curve
+
+
+def train_and_evaluate(args, preset: Preset, source: Source, name: str, cfg, tcfg,
+                       seed: int, out: pathlib.Path) -> dict:
+  """One run: trained (or resumed), evaluated, exported; its row is kept on disk."""
+  run_name = name if len(preset.seeds) == 1 else f"{name}-s{seed}"
+  row_path = out / "rows" / source.name / f"{run_name}.json"
+  if row_path.exists():
+    return json.loads(row_path.read_text())
+  t_run = time.perf_counter()
+  batches = ScaledBatches(source.make_batches(preset.batch_size, seed), source.scale)
+  rcfg = trainer.RunConfig(steps=preset.steps, seed=seed,
+                           checkpoint_every=max(preset.steps // 4, 1),
+                           log_every=max(1, min(50, preset.steps // 8)), keep=1,
+                           progress=not args.quiet)
+  init_sample = source.init_sample * np.float32(source.scale)
+  run_dir = out / "runs" / source.name / run_name
+  state, _ = trainer.fit(run_dir, cfg, tcfg, rcfg, batches, init_sample=init_sample)
+  row = {"name": name, "source": source.name, "seed": seed, "strategy": cfg.allocation,
+         "aux_loss": tcfg.aux_loss, "k": cfg.k, "d_sae": cfg.d_sae, "steps": preset.steps,
+         "batch_size": preset.batch_size}
+  row.update(evaluate_run(state, cfg, preset, source))
+  row["train_seconds"] = time.perf_counter() - t_run
+  row["curve"] = training_curve(run_dir, preset.batch_size)
+  if seed == preset.seeds[0]:
+    export_dir = out / "saes" / (name if len(preset.sources) == 1 else f"{source.name}-{name}")
+    export.export_saelens(export_dir, state.params, cfg, layer=source.layer,
+                          context_size=source.context_size,
+                          threshold=(np.asarray(state.threshold)
+                                     if cfg.allocation in CALIBRATED else None),
+                          normalization={"mean": 0.0, "scale": 1.0 / source.scale},
+                          **({} if source.layer is not None
+                             else {"source": f"synthbench:{preset.synthbench}"}))
+  row_path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = row_path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps(row))
+  os.replace(tmp, row_path)
+  return row
 
 
 def main(argv=None) -> dict:
@@ -234,111 +536,94 @@ def main(argv=None) -> dict:
   parser.add_argument("--store", help="an existing activation store (bring your own)")
   parser.add_argument("--text", nargs="*", help="text files/folders instead of the default corpora")
   parser.add_argument("--cache", default=os.path.join("runs", "activation_cache"),
-                      help="where harvested stores are kept between runs")
+                      help="where harvested and synthetic stores are kept between runs")
   parser.add_argument("--steps", type=int)
   parser.add_argument("--k", type=int)
+  parser.add_argument("--sources", nargs="*", choices=sorted(SOURCES),
+                      help="activation sources (default: the preset's)")
+  parser.add_argument("--seeds", nargs="*", type=int, help="seeds (default: the preset's)")
   parser.add_argument("--only", nargs="*", help="run names to train (default: all)")
-  parser.add_argument("--quiet", action="store_true")
+  parser.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+  parser.add_argument("--log-runs", action="store_true",
+                      help="one line per finished run even with --quiet (for log files)")
   args = parser.parse_args(argv)
   preset = PRESETS[args.preset]
-  preset = dataclasses.replace(preset, **{k: v for k, v in (("steps", args.steps), ("k", args.k))
-                                          if v is not None})
+  overrides = {"steps": args.steps, "k": args.k,
+               "sources": tuple(args.sources) if args.sources else None,
+               "seeds": tuple(args.seeds) if args.seeds else None}
+  preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+  if args.store and "minilm" not in preset.sources:
+    parser.error("--store replaces the MiniLM harvest; add minilm to --sources or drop --store.")
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
+  command = "python -m experiments.sae_allocation " + shlex.join(
+      sys.argv[1:] if argv is None else argv)
   t0 = time.perf_counter()
-  bert_params, bert_cfg = minilm.load_minilm()
-  tokenizer = minilm.load_tokenizer()
-  specs = corpus_specs(args.text)
-  reader = harvest_store(args, preset, bert_params, bert_cfg, tokenizer, specs)
-  t_harvest = time.perf_counter() - t0
-  d_model = reader.d
-  d_sae = PAPER_D_SAE if preset.expansion == 0 else preset.expansion * d_model
-  scale = float(np.sqrt(d_model) / reader.stats.norm_mean)
-  eval_ids, eval_mask, eval_x = eval_set(preset, bert_params, bert_cfg, tokenizer, specs)
-  init_sample = reader.read(0, min(reader.count, 4096)) * np.float32(scale)
-
-  rows, curves = [], {}
-  for name, cfg, tcfg in run_configs(preset, d_model, d_sae):
-    if args.only and name not in args.only:
-      continue
-    t_run = time.perf_counter()
-    batches = ScaledBatches(batches_lib.ShuffledBatches(reader, preset.batch_size, preset.seed),
-                            scale)
-    rcfg = trainer.RunConfig(steps=preset.steps, seed=preset.seed,
-                             checkpoint_every=max(preset.steps // 4, 1), log_every=10,
-                             progress=not args.quiet)
-    state, _ = trainer.fit(out / "runs" / name, cfg, tcfg, rcfg, batches,
-                           init_sample=init_sample)
-    stats, fid = evaluate_run(state, cfg, preset, eval_x, scale, (bert_params, bert_cfg),
-                              eval_ids, eval_mask, reader.stats.mean)
-    export.export_saelens(out / "saes" / name, state.params, cfg, layer=preset.layer,
-                          context_size=preset.window,
-                          threshold=(np.asarray(state.threshold)
-                                     if cfg.allocation in CALIBRATED else None),
-                          normalization={"mean": 0.0, "scale": 1.0 / scale})
-    row = {"name": name, "strategy": cfg.allocation, "aux_loss": tcfg.aux_loss, "k": cfg.k,
-           "d_sae": d_sae, "steps": preset.steps, "batch_size": preset.batch_size,
-           "train_seconds": time.perf_counter() - t_run}
-    row.update({k: v for k, v in stats.items() if _is_scalar(v)})
-    row.update({k: v for k, v in fid.items() if _is_scalar(v)})
+  sources = {}
+  for name in preset.sources:
+    sources[name] = SOURCES[name](args, preset)
+  t_data = time.perf_counter() - t0
+  plan = []
+  for k_block in _k_blocks(preset):
+    for seed in preset.seeds:
+      for name, source in sources.items():
+        for run_name, cfg, tcfg in run_configs(preset, source.d, source.d_sae):
+          if cfg.k in k_block and (not args.only or run_name in args.only):
+            plan.append((source, run_name, cfg, tcfg, seed))
+  rows = []
+  for i, (source, run_name, cfg, tcfg, seed) in enumerate(plan):
+    row = train_and_evaluate(args, preset, source, run_name, cfg, tcfg, seed, out)
     rows.append(row)
-    curves[name] = stats
-    if not args.quiet:
-      print(f"{name:<36} nmse={row['nmse']:.4f} l0={row['l0_mean']:.2f} "
-            f"dead={row['dead_fraction']:.3f} fid={row['fidelity_recovered']:.3f}")
-
-  result = {"experiment": "sae_allocation", "preset": args.preset,
-            "preset_config": dataclasses.asdict(preset), "d_model": d_model, "d_sae": d_sae,
-            "store": str(reader.path), "store_tokens": reader.count,
-            "corpora": [list(s.sources) for s in specs], "input_scale": scale,
-            "harvest_seconds": t_harvest, "total_seconds": time.perf_counter() - t0,
-            "jax": jax.__version__, "devices": [str(d) for d in jax.devices()], "runs": rows}
-  with open(out / "results.json", "w") as fh:
-    json.dump(result, fh, indent=2)
-  (out / "results.md").write_text(results_markdown(result))
-  write_plots(out, rows, curves, preset)
+    if not args.quiet or args.log_runs:
+      print(f"[{i + 1}/{len(plan)}] {source.name} {run_name} seed {seed}: "
+            f"fvu={row['fvu']:.4f} l0={row['l0_mean']:.2f} dead={row['dead_fraction']:.3f}",
+            flush=True)
+    result = _result(args, command, preset, sources, rows, t_data,
+                     time.perf_counter() - t0, len(plan))
+    write_outputs(result, out)
+  result = _result(args, command, preset, sources, rows, t_data, time.perf_counter() - t0,
+                   len(plan))
+  if not rows:
+    write_outputs(result, out)
   if not args.quiet:
     print((out / "results.md").read_text())
   return result
 
 
+def _k_blocks(preset: Preset) -> list[tuple[int, ...]]:
+  """Groups of k trained seed by seed: each k of the main grid alone, then the sweep."""
+  main = (preset.k,) if preset.grid == "main" else preset.k_values
+  blocks = [(k,) for k in main]
+  sweep = tuple(k for k in preset.k_sweep if k not in main)
+  return blocks + ([sweep] if sweep else [])
+
+
+def _result(args, command, preset, sources, rows, t_data, total, planned) -> dict:
+  first = next(iter(sources.values()))
+  return {"experiment": "sae_allocation", "preset": args.preset, "command": command,
+          "preset_config": dataclasses.asdict(preset),
+          "sources": {n: {"description": s.description, "d_model": s.d, "d_sae": s.d_sae,
+                          "probe_raw": s.probe_raw,
+                          "store": s.store, "store_tokens": s.store_tokens,
+                          "input_scale": s.scale} for n, s in sources.items()},
+          "d_model": first.d, "d_sae": first.d_sae, "store": first.store,
+          "store_tokens": first.store_tokens, "input_scale": first.scale,
+          "data_seconds": t_data, "total_seconds": total, "runs_planned": planned,
+          "jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
+          "machine": reporting.machine(), "runs": rows}
+
+
+def write_outputs(result: dict, out: pathlib.Path) -> None:
+  """results.json, results.md and the plots, rewritten after every run."""
+  tmp = out / "results.json.tmp"
+  tmp.write_text(json.dumps(result, indent=1))
+  os.replace(tmp, out / "results.json")
+  (out / "results.md").write_text(report.markdown(result))
+  report.plots(result, out)
+
+
 def _is_scalar(v) -> bool:
   return isinstance(v, (int, float, bool, str)) or (np.ndim(v) == 0 and np.isreal(v))
-
-
-def results_markdown(result: dict) -> str:
-  cols = [("strategy", "strategy", "{}"), ("aux", "aux_loss", "{}"), ("k", "k", "{}"),
-          ("L0", "l0_mean", "{:.2f}"), ("NMSE", "nmse", "{:.4f}"),
-          ("dead", "dead_fraction", "{:.3f}"), ("underused", "underutilised_fraction", "{:.3f}"),
-          ("fidelity", "fidelity_recovered", "{:.3f}"),
-          ("thr. L0", "threshold_l0_mean", "{:.2f}"), ("thr. NMSE", "threshold_nmse", "{:.4f}"),
-          ("thr. fidelity", "threshold_fidelity_recovered", "{:.3f}")]
-  lines = [f"# SAE allocation strategies ({result['preset']} preset)", "",
-           f"MiniLM-L6 layer {result['preset_config']['layer']} residual stream, "
-           f"{result['store_tokens']} harvested tokens, d={result['d_model']}, "
-           f"F={result['d_sae']}, {result['preset_config']['steps']} steps x "
-           f"{result['preset_config']['batch_size']} tokens per run; total "
-           f"{result['total_seconds'] / 60:.1f} min.", "",
-           "| " + " | ".join(c[0] for c in cols) + " |",
-           "|" + "|".join("---" for _ in cols) + "|"]
-  for r in result["runs"]:
-    cells = []
-    for _, key, fmt in cols:
-      v = r.get(key)
-      cells.append("n/a" if v is None else fmt.format(v))
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
-
-
-def write_plots(out: pathlib.Path, rows, curves, preset: Preset) -> None:
-  plots.plot_nmse_vs_l0(rows, out / "nmse_vs_l0.png")
-  main = [r for r in rows if r["k"] == preset.k]
-  plots.plot_dead_fraction(main, out / "dead_fraction.png")
-  plots.plot_l0_histograms({r["name"]: curves[r["name"]]["l0_histogram"] for r in main},
-                           out / "l0_histograms.png")
-  plots.plot_density_vs_rank({r["name"]: curves[r["name"]]["feature_density"] for r in main},
-                             {r["name"]: (curves[r["name"]]["zipf_C"], curves[r["name"]]["zipf_s"])
-                              for r in main}, out / "density_vs_rank.png")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from sae_jax import losses
 from sae_jax import metrics
 from sae_jax import model
 from sae_jax import params
+from sae_jax import probing
 from sae_jax import recovery
 from sae_jax import sharded_allocation
 from sae_jax import sharding
@@ -60,10 +61,13 @@ from sae_jax.model import encode
 from sae_jax.model import encode_thresholded
 from sae_jax.model import encode_pre
 from sae_jax.model import forward
+from sae_jax.model import inference_codes
 from sae_jax.params import SAEParams
 from sae_jax.params import geometric_median
 from sae_jax.params import normalize_decoder
 from sae_jax.params import project_decoder_grads
 from sae_jax.params import tied_init
+from sae_jax.probing import k_sparse_probe
+from sae_jax.probing import mean_difference_ranking
 
 __version__ = "0.1.0"

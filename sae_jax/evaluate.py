@@ -97,12 +97,20 @@ def _encode_decode(params, x, cfg, threshold):
 class BatchStatistics(NamedTuple):
   """Sums over one batch from which every figure of :func:`evaluate_sae` is pooled.
 
+  With ``r = x - recon`` the residual and ``x.mean(0)``, ``r.mean(0)`` this batch's means:
+
   Attributes:
-    squared_error: ``sum((recon - x)^2)``, float32.
+    squared_error: ``sum(r^2)``, float32.
     centred_sum_sq: ``sum((x - x.mean(0))^2)``, float32.
     x_sum: ``[d]`` float32 column sums of ``x``.
     l0_histogram: ``[f + 1]`` int32 token counts per number of firing features.
     fire_counts: ``[f]`` int32 tokens on which each feature fires.
+    x_sum_sq: ``sum(x^2)``, float32 (the denominator of FVU about zero).
+    residual_sum: ``[d]`` float32 column sums of ``r``.
+    residual_centred_sum_sq: ``sum((r - r.mean(0))^2)``, float32.
+    per_token_fvu_sum: ``sum_i |r_i|^2 / |x_i - x.mean(0)|^2`` over the tokens ``i`` whose
+      denominator is > 0, float32 (SAEBench's legacy per-token ratio).
+    per_token_count: int32 number of tokens in ``per_token_fvu_sum``.
   """
 
   squared_error: Float[Array, ""]
@@ -110,6 +118,11 @@ class BatchStatistics(NamedTuple):
   x_sum: Float[Array, " d"]
   l0_histogram: Int[Array, " f1"]
   fire_counts: Int[Array, " f"]
+  x_sum_sq: Float[Array, ""]
+  residual_sum: Float[Array, " d"]
+  residual_centred_sum_sq: Float[Array, ""]
+  per_token_fvu_sum: Float[Array, ""]
+  per_token_count: Int[Array, ""]
 
 
 def batch_statistics(params: SAEParams, x: Num[Array, "b d"], cfg: model.SAEConfig,
@@ -124,15 +137,31 @@ def batch_statistics(params: SAEParams, x: Num[Array, "b d"], cfg: model.SAEConf
     threshold: ``None`` runs the batch allocation (``model.forward``); a scalar or
       ``[f]`` threshold runs the batch-independent ``model.encode_thresholded``. Traced.
     fire_threshold: a feature fires on a token when its code exceeds this. Traced.
+
+  Returns:
+    The batch's :class:`BatchStatistics`.
   """
   codes_BxF, recon_BxD = _encode_decode(params, x, cfg, threshold)
-  x_BxD = x.astype(jnp.float32)
-  squared_error, centred = metrics.reconstruction_error_terms(recon_BxD.astype(jnp.float32), x_BxD)
+  x_BxD, recon_BxD = x.astype(jnp.float32), recon_BxD.astype(jnp.float32)
+  squared_error, centred = metrics.reconstruction_error_terms(recon_BxD, x_BxD)
   fired_BxF = codes_BxF.astype(jnp.float32) > fire_threshold
   l0_B = jnp.sum(fired_BxF, axis=1, dtype=jnp.int32)
-  return BatchStatistics(squared_error, centred, jnp.sum(x_BxD, axis=0),
-                         jnp.bincount(l0_B, length=cfg.d_sae + 1).astype(jnp.int32),
-                         jnp.sum(fired_BxF, axis=0, dtype=jnp.int32))
+  resid_BxD = x_BxD - recon_BxD
+  # Legacy per-token ratio; a token at the batch mean (every token of a one-token batch)
+  # has no defined ratio and is left out of both the sum and the count.
+  token_error_B = jnp.sum(jnp.square(resid_BxD), axis=1)
+  token_spread_B = jnp.sum(jnp.square(x_BxD - jnp.mean(x_BxD, axis=0)), axis=1)
+  defined_B = token_spread_B > 0
+  ratio_B = jnp.where(defined_B, token_error_B / jnp.where(defined_B, token_spread_B, 1.0), 0.0)
+  return BatchStatistics(
+      squared_error, centred, jnp.sum(x_BxD, axis=0),
+      jnp.bincount(l0_B, length=cfg.d_sae + 1).astype(jnp.int32),
+      jnp.sum(fired_BxF, axis=0, dtype=jnp.int32),
+      x_sum_sq=jnp.sum(jnp.square(x_BxD)),
+      residual_sum=jnp.sum(resid_BxD, axis=0),
+      residual_centred_sum_sq=jnp.sum(jnp.square(resid_BxD - jnp.mean(resid_BxD, axis=0))),
+      per_token_fvu_sum=jnp.sum(ratio_B),
+      per_token_count=jnp.sum(defined_B, dtype=jnp.int32))
 
 
 _jit_batch_statistics = jax.jit(batch_statistics, static_argnames="cfg")
@@ -150,15 +179,35 @@ def _histogram_quantiles(hist: np.ndarray, percents) -> list[float]:
   return out
 
 
+def _pooled_sum_sq(centred_sums: list[float], column_sums: np.ndarray, sizes: np.ndarray,
+                   reference: np.ndarray) -> float:
+  """``sum_i |v_i - reference|^2`` over all rows from per-batch sums, in float64.
+
+  Chan et al.'s pooled sum of squares: each batch's sum of squares about its own mean
+  plus ``b * |batch mean - reference|^2``; exact, without cancellation.
+  """
+  spread = np.sum(np.square(column_sums / sizes[:, None] - reference).sum(1) * sizes)
+  return float(sum(centred_sums) + spread)
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+  return numerator / denominator if denominator > 0 else math.nan
+
+
 def _summary(parts: list[BatchStatistics], sizes: list[int], dataset_mean, curve_points: int
              ) -> dict[str, Any]:
-  n, x_sums = sum(sizes), np.stack([np.asarray(p.x_sum, np.float64) for p in parts])
-  reference = x_sums.sum(0) / n if dataset_mean is None else dataset_mean
-  # Chan et al.'s pooled sum of squares: exact in float64, no cancellation.
-  within = sum(float(p.centred_sum_sq) for p in parts)
-  spread = float(np.sum(np.square(x_sums / np.asarray(sizes)[:, None] - reference).sum(1)
-                        * np.asarray(sizes)))
+  n, sizes_B = sum(sizes), np.asarray(sizes, np.float64)
+  x_sums = np.stack([np.asarray(p.x_sum, np.float64) for p in parts])
+  r_sums = np.stack([np.asarray(p.residual_sum, np.float64) for p in parts])
+  eval_mean = x_sums.sum(0) / n
+  reference = eval_mean if dataset_mean is None else dataset_mean
+  within = [float(p.centred_sum_sq) for p in parts]
+  total = _pooled_sum_sq(within, x_sums, sizes_B, reference)
+  eval_total = _pooled_sum_sq(within, x_sums, sizes_B, eval_mean)
+  residual_total = _pooled_sum_sq([float(p.residual_centred_sum_sq) for p in parts], r_sums,
+                                  sizes_B, r_sums.sum(0) / n)
   squared_error = sum(float(p.squared_error) for p in parts)
+  fvu = _ratio(squared_error, total)
   hist = np.sum([np.asarray(p.l0_histogram, np.int64) for p in parts], axis=0)
   density_F = np.sum([np.asarray(p.fire_counts, np.int64) for p in parts], axis=0) / n
   density32_F = jnp.asarray(density_F, jnp.float32)
@@ -167,8 +216,13 @@ def _summary(parts: list[BatchStatistics], sizes: list[int], dataset_mean, curve
   f, l0_max = density_F.shape[0], int(np.flatnonzero(hist).max())
   ranks = np.unique(np.round(np.geomspace(1, f, min(curve_points, f))).astype(np.int64))
   out = {
-      "nmse": squared_error / within if within > 0 else math.nan,
-      "fvu": squared_error / (within + spread) if within + spread > 0 else math.nan,
+      "fvu": fvu,
+      "explained_variance": 1.0 - fvu,
+      "nmse": _ratio(squared_error, sum(within)),
+      "fvu_per_token": _ratio(sum(float(p.per_token_fvu_sum) for p in parts),
+                              sum(int(p.per_token_count) for p in parts)),
+      "fvu_about_zero": _ratio(squared_error, sum(float(p.x_sum_sq) for p in parts)),
+      "fvu_centred_residual": _ratio(residual_total, eval_total),
       "l0_mean": float(np.dot(np.arange(f + 1), hist) / n),
       "l0_histogram": hist[:l0_max + 1], "l0_max": l0_max,
       "feature_density": density_F,
@@ -208,19 +262,54 @@ def evaluate_sae(params: SAEParams, cfg: model.SAEConfig, batches: Iterable[Arra
                  curve_points: int = 64) -> dict[str, Any]:
   """Evaluates an SAE on ``num_batches`` batches of ``[b, d]`` SAE inputs.
 
-  Returns a dict with ``num_batches``, ``num_tokens`` and: ``nmse`` (squared error over
-  the sum of squares around each batch's mean, pooled), ``fvu`` (around ``dataset_mean``,
-  or the mean of all evaluated tokens when None), ``l0_mean``, ``l0_histogram`` (token
+  Explained variance is reported in several incomparable ways across tools; each variant
+  has its own key. With ``r_i = x_i - recon_i`` over the ``n`` evaluated tokens ``i``,
+  ``mu`` their mean (``dataset_mean`` when given), ``mu_B`` the mean of the batch holding
+  token ``i`` and sums over tokens and dimensions:
+
+  - ``fvu``: textbook fraction of variance unexplained over the whole evaluation set,
+    ``sum |r_i|^2 / sum |x_i - mu|^2`` (SAELens >= 6.45.1); report this one first.
+  - ``explained_variance``: ``1 - fvu``.
+  - ``nmse``: ``sum |r_i|^2 / sum |x_i - mu_B|^2``, each token centred on its own batch's
+    mean and the sums pooled over batches (sparsify's per-batch loss, pooled).
+  - ``fvu_per_token``: SAEBench's "legacy" form (explained variance ``1 -`` it), the mean
+    over tokens of ``|r_i|^2 / |x_i - mu_B|^2``; the per-token denominator is centred on
+    the batch mean, so it depends on how tokens are batched, and tokens with a zero
+    denominator (every token of a one-token batch) are left out. A token close to its
+    batch mean can give a very large ratio.
+  - ``fvu_about_zero``: ``sum |r_i|^2 / sum |x_i|^2`` (an old SAELens/SAEBench formula);
+    activations with a large mean make it small, i.e. an explained variance near 1.
+  - ``fvu_centred_residual``: dictionary_learning's ``sum_j Var(r_j) / sum_j Var(x_j)``,
+    variances of each dimension ``j`` over the evaluation set (the residual's own mean
+    is removed, so a constant bias in ``recon`` costs nothing; ignores ``dataset_mean``).
+
+  The other keys: ``num_batches``, ``num_tokens``, ``l0_mean``, ``l0_histogram`` (token
   counts per L0 value, up to ``l0_max``), ``l0_p5`` ... ``l0_p95`` (as ``np.quantile``),
   ``feature_density`` ([f] firing fractions), ``dead_fraction`` (never fired on these
   tokens), ``underutilised_fraction`` (``metrics.underutilised_features`` at tau 1
   against the Zipf fit ``zipf_C``, ``zipf_s`` of the densities) and the density-by-rank
   curve at about ``curve_points`` log-spaced ranks (``density_by_rank_rank``, 1-based,
-  and ``density_by_rank``). With ``threshold`` (``TrainState.threshold``) the same keys
-  prefixed ``threshold_`` describe the batch-independent ``encode_thresholded`` path.
+  and ``density_by_rank``). With ``threshold`` (``TrainState.threshold``) every key but
+  ``num_batches`` and ``num_tokens`` appears again prefixed ``threshold_``, describing
+  the batch-independent ``encode_thresholded`` path. A ratio whose denominator is 0 is
+  NaN. Every sum is float32 per batch on device and pooled in float64 on the host.
+
+  Args:
+    params: SAE parameters.
+    cfg: SAE configuration.
+    batches: iterable of ``[b, d_model]`` SAE inputs; batch sizes may differ.
+    num_batches: how many batches to draw from ``batches``.
+    threshold: scalar or ``[d_sae]`` threshold of the ``threshold_`` keys; None skips them.
+    fire_threshold: a feature fires on a token when its code exceeds this (>= 0).
+    dataset_mean: ``[d_model]`` reference mean of ``fvu``; None uses the evaluated tokens'.
+    curve_points: about how many ranks the density-by-rank curve samples (>= 2).
+
+  Returns:
+    The dict of figures described above.
 
   References:
-    Gao et al. 2024, arXiv 2406.04093; Ayonrinde 2024, arXiv 2411.02124.
+    Gao et al. 2024, arXiv 2406.04093; Ayonrinde 2024, arXiv 2411.02124; SAEBench
+    (core metrics, legacy explained variance); dictionary_learning (centred residual).
 
   Raises:
     ValueError: on a bad argument, a batch of the wrong shape, or fewer batches than

@@ -315,6 +315,56 @@ def encode_thresholded(
   return jnp.where(mask_BxF, acts_BxF, jnp.zeros_like(acts_BxF)), mask_BxF
 
 
+def inference_codes(
+    params: SAEParams, x: Float[Array, "b d"], cfg: SAEConfig,
+    threshold: Float[Array, " f"] | float | None = None,
+) -> Float[Array, "b f"]:
+  """Batch-independent codes of ``x``: the codes the SAE represents at inference.
+
+  A token's codes depend on that token alone, whatever else is in the batch:
+
+  * ``"topk"``: its own per-token top-k (``encode``); ``threshold`` must be None.
+  * ``"relu"``: ``relu(pre)``; with a ``threshold``, the JumpReLU ``relu(pre) > threshold``
+    of ``encode_thresholded`` (a SAELens "jumprelu" folder loads as ``"relu"`` plus its
+    threshold, see ``export.load_exported``).
+  * ``"batch_topk"``, ``"mutual_choice"``, ``"feature_choice"``, ``"feature_choice_zipf"``:
+    their allocation ranks the whole batch, so inference keeps ``relu(pre) > threshold``
+    (``encode_thresholded``) with the calibrated ``TrainState.threshold``, a scalar or
+    one per feature: exactly the JumpReLU that ``export.export_saelens`` writes.
+
+  Args:
+    params: SAE parameters.
+    x: Input activations, ``[b, d]`` (already normalised as in training).
+    cfg: SAE configuration.
+    threshold: ``TrainState.threshold`` (scalar or ``[d_sae]``), or the threshold
+      ``export.load_exported`` returns; required for the batch-level allocations.
+
+  Returns:
+    Codes ``[b, f]`` in ``cfg.dtype``; zero outside the active entries.
+
+  Raises:
+    ValueError: a batch-level allocation without ``threshold``, ``"topk"`` with one, a
+      ``threshold`` that is neither a scalar nor ``[d_sae]``, or as ``encode_pre``.
+  """
+  if cfg.allocation == "topk":
+    if threshold is not None:
+      raise ValueError("threshold must be None for allocation='topk', whose per-token top-k "
+                       "is already batch-independent; pass threshold=None.")
+    return encode(params, x, cfg)[0]
+  if threshold is None:
+    if cfg.allocation == "relu":
+      return encode(params, x, cfg)[0]
+    raise ValueError(
+        f"allocation={cfg.allocation!r} selects over a whole batch, so its batch-independent "
+        "codes need the calibrated threshold: pass threshold=TrainState.threshold (or the "
+        "threshold export.load_exported returns).")
+  if np.ndim(threshold) not in (0, 1) or (np.ndim(threshold) == 1
+                                           and np.shape(threshold)[0] != cfg.d_sae):
+    raise ValueError(f"threshold must be a scalar or [d_sae={cfg.d_sae}]; got shape "
+                     f"{tuple(np.shape(threshold))}.")
+  return encode_thresholded(params, x, cfg, threshold)[0]
+
+
 def decode(
     params: SAEParams, codes: Float[Array, "b f"], cfg: SAEConfig
 ) -> Float[Array, "b d"]:

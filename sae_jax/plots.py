@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
@@ -221,4 +223,177 @@ def plot_dead_fraction(rows: Sequence[Mapping[str, Any]],
   ax.set_ylim(0, 1)
   ax.set_title("Dead and underutilised features")
   ax.legend(fontsize="small")
+  return _save(fig, path)
+
+
+def _panels(count: int, width: float, panel_height: float):
+  fig = Figure(figsize=(width, panel_height * count + 1.0))
+  FigureCanvasAgg(fig)
+  return fig, fig.subplots(count, 1, sharex=True, squeeze=False)[:, 0]
+
+
+def _distinct_names(name: str, values: Any) -> tuple[str, ...]:
+  if isinstance(values, str) or not isinstance(values, Sequence) or not values or not all(
+      isinstance(v, str) and v for v in values) or len(set(values)) != len(values):
+    raise ValueError(f"{name} must be a non-empty sequence of distinct non-empty strings "
+                     f"(e.g. ('fvu',)); got {values!r}.")
+  return tuple(values)
+
+
+def plot_fvu_vs_l0_pareto(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
+                          x: str = "l0_mean", y: str = "fvu", group: str = "strategy",
+                          point: str = "k") -> pathlib.Path:
+  """Reconstruction against sparsity: the frontier of each strategy over its ``k`` values.
+
+  Rows sharing ``(row[group], row[point])`` (e.g. seeds of one strategy at one ``k``) make
+  one point at their mean with error bars of one sample standard deviation (``ddof=1``;
+  none for a single row) in both ``x`` and ``y``. The points of one ``group`` are joined
+  in order of mean ``x`` and labelled with their ``point`` value. The x axis is log.
+
+  Args:
+    rows: dicts with the keys ``x``, ``y``, ``group`` and ``point`` (e.g. evaluation rows
+      from several seeds); ``x`` values finite and > 0, ``y`` values finite.
+    path: PNG file to write.
+    x: key of the x value (e.g. ``l0_mean``).
+    y: key of the y value (e.g. ``fvu``, ``explained_variance``).
+    group: key naming the line a row belongs to (e.g. ``strategy``).
+    point: key naming the point within a line (e.g. ``k``).
+
+  Raises:
+    ValueError: on empty input, a missing key, key names that are not distinct strings,
+      an ``x`` value <= 0 or non-finite, or a non-finite ``y`` value.
+  """
+  path = _png_path(path)
+  names = (x, y, group, point)
+  if not all(isinstance(v, str) and v for v in names) or len(set(names)) != 4:
+    raise ValueError(f"x, y, group and point must be four distinct non-empty key names; got "
+                     f"{names!r}.")
+  _rows("rows", rows, (x, y, group, point))
+  cells: dict[str, dict[str, list[tuple[float, float]]]] = {}
+  for i, row in enumerate(rows):
+    xv = _finite(f"rows[{i}][{x!r}]", row[x], 0.0)
+    if xv == 0:
+      raise ValueError(f"rows[{i}][{x!r}] must be > 0 to draw on a log axis; got 0.")
+    yv = _finite(f"rows[{i}][{y!r}]", row[y])
+    cells.setdefault(str(row[group]), {}).setdefault(str(row[point]), []).append((xv, yv))
+  fig, ax = _figure(7.5, 4.5)
+  for i, (name, points) in enumerate(cells.items()):
+    stats = []
+    for label, values in points.items():
+      v = np.asarray(values)
+      std = v.std(0, ddof=1) if len(v) > 1 else np.zeros(2)
+      stats.append((*v.mean(0), *std, label))
+    stats.sort(key=lambda s: s[0])
+    xs, ys, x_err, y_err, labels = zip(*stats)
+    color = f"C{i % 10}"
+    ax.errorbar(xs, ys, xerr=x_err, yerr=y_err, color=color, marker=_MARKERS[i % len(_MARKERS)],
+                capsize=3, linewidth=1.2, markersize=5, label=name)
+    for xv, yv, label in zip(xs, ys, labels):
+      ax.annotate(f"{point}={label}", (xv, yv), textcoords="offset points", xytext=(4, 4),
+                  fontsize=6, color=color)
+  ax.set_xscale("log")
+  # Plain numbers at 1, 2 and 5 per decade: L0 ranges often span less than a decade.
+  ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+  ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+  ax.xaxis.set_minor_formatter(NullFormatter())
+  ax.set_xlabel(x)
+  ax.set_ylabel(y)
+  ax.set_title(f"{y} vs {x} (mean, error bars: std over rows sharing {group} and {point})",
+               fontsize="medium")
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  return _save(fig, path)
+
+
+def plot_l0_distributions(l0_histograms_by_run: Mapping[str, np.ndarray],
+                          path: str | os.PathLike, *, log_y: bool = False) -> pathlib.Path:
+  """Per-token L0 distributions, one small panel per run on a shared L0 axis.
+
+  Each panel has its own y scale, so TopK's single spike and the spread of Mutual or
+  Feature Choice are both readable; a dashed line marks the run's mean L0.
+
+  Args:
+    l0_histograms_by_run: label -> token counts per L0 value (index = L0), e.g.
+      ``evaluate_sae``'s ``l0_histogram``; drawn as fractions of tokens.
+    path: PNG file to write.
+    log_y: draw the fractions on a log axis (empty L0 values then vanish).
+
+  Raises:
+    ValueError: on empty input or counts that are not 1-D, negative, non-finite or all 0.
+  """
+  path = _png_path(path)
+  _nonempty("l0_histograms_by_run", l0_histograms_by_run)
+  histograms = {}
+  for label, counts in l0_histograms_by_run.items():
+    counts = np.asarray(counts, np.float64)
+    if counts.ndim != 1 or not np.all(np.isfinite(counts)) or np.any(counts < 0) or not (
+        counts.sum() > 0):
+      raise ValueError(f"l0_histograms_by_run[{label!r}] must be 1-D non-negative token "
+                       f"counts per L0 value with a positive total; got shape {counts.shape}.")
+    histograms[label] = counts / counts.sum()
+  fig, axes = _panels(len(histograms), 7.0, 1.4)
+  for i, (ax, (label, fraction)) in enumerate(zip(axes, histograms.items())):
+    l0 = np.arange(fraction.shape[0])
+    mean = float(np.dot(l0, fraction))
+    ax.bar(l0, fraction, width=1.0, color=f"C{i % 10}", linewidth=0)
+    ax.axvline(mean, color="black", linestyle="--", linewidth=0.8)
+    ax.set_title(f"{label} (mean L0 {mean:.3g})", fontsize="small", loc="left")
+    ax.set_ylabel("fraction", fontsize="small")
+    if log_y:
+      ax.set_yscale("log")
+  axes[-1].set_xlabel("active features per token (L0)")
+  return _save(fig, path)
+
+
+def plot_training_curves(curves_by_run: Mapping[str, Sequence[Mapping[str, Any]]],
+                         path: str | os.PathLike, *,
+                         keys: Sequence[str] = ("fvu", "dead_fraction")) -> pathlib.Path:
+  """Training curves: one panel per metric, one line per run, against tokens seen.
+
+  Args:
+    curves_by_run: run name -> list of dicts, each with ``tokens`` (finite, >= 0) and
+      any of ``keys``; an entry without a key (or with None) is skipped in that key's
+      panel, so metrics logged at different intervals can share the list. Points are
+      joined in order of ``tokens``.
+    path: PNG file to write.
+    keys: names of the metrics, one panel each, in this order.
+
+  Raises:
+    ValueError: on empty input, a run that is not a non-empty list of dicts with
+      ``tokens``, bad ``keys``, a non-finite value, or a key no run has a value for.
+  """
+  path = _png_path(path)
+  keys = _distinct_names("keys", keys)
+  _nonempty("curves_by_run", curves_by_run)
+  if not isinstance(curves_by_run, Mapping):
+    raise ValueError("curves_by_run must map run names to lists of dicts; got "
+                     f"{type(curves_by_run).__name__}.")
+  lines: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {key: {} for key in keys}
+  for run, entries in curves_by_run.items():
+    if isinstance(entries, (str, Mapping)) or not isinstance(entries, Sequence):
+      raise ValueError(f"curves_by_run[{run!r}] must be a list of dicts; got "
+                       f"{type(entries).__name__}.")
+    _rows(f"curves_by_run[{run!r}]", entries, ("tokens",))
+    tokens = [_finite(f"curves_by_run[{run!r}][{i}]['tokens']", e["tokens"], 0.0)
+              for i, e in enumerate(entries)]
+    for key in keys:
+      points = [(t, _finite(f"curves_by_run[{run!r}][{i}][{key!r}]", e[key]))
+                for i, (t, e) in enumerate(zip(tokens, entries)) if e.get(key) is not None]
+      if points:
+        points.sort(key=lambda p: p[0])
+        lines[key][run] = tuple(np.asarray(v) for v in zip(*points))
+  missing = [key for key in keys if not lines[key]]
+  if missing:
+    raise ValueError(f"no run has a value for keys {missing}; drop them from keys or log "
+                     "them in curves_by_run.")
+  fig, axes = _panels(len(keys), 7.5, 2.2)
+  colors = {run: f"C{i % 10}" for i, run in enumerate(curves_by_run)}
+  for ax, key in zip(axes, keys):
+    for run, (t, v) in lines[key].items():
+      ax.plot(t, v, color=colors[run], marker="." if len(t) < 30 else None, label=run)
+    ax.set_ylabel(key)
+  axes[0].set_title("Training curves")
+  drawn = [run for run in curves_by_run if any(run in lines[key] for key in keys)]
+  axes[0].legend(handles=[Line2D([], [], color=colors[run], label=run) for run in drawn],
+                 fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  axes[-1].set_xlabel("tokens")
   return _save(fig, path)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import pathlib
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -149,11 +150,15 @@ class SynthBenchConfig:
 PRESETS: Mapping[str, SynthBenchConfig] = {
     "cpu": SynthBenchConfig(d_model=256, num_features=4096, hierarchy_roots=32),
     "paper": SynthBenchConfig(d_model=768, num_features=16384, hierarchy_roots=128),
+    # Seconds-long end-to-end checks only.
+    "smoke": SynthBenchConfig(d_model=32, num_features=256, hierarchy_roots=2,
+                              correlation_rank=4, max_cos_steps=2, p_min=5e-3),
 }
 
 
 def synthbench_preset(name: str) -> SynthBenchConfig:
-  """The config of a named preset: ``"cpu"`` (d=256, f=4096) or ``"paper"`` (d=768, f=16384)."""
+  """The config of a named preset: ``"cpu"`` (d=256, f=4096), ``"paper"`` (d=768,
+  f=16384) or ``"smoke"`` (d=32, f=256, for seconds-long checks)."""
   if name not in PRESETS:
     raise ValueError(f"name must be one of {sorted(PRESETS)}; got {name!r}.")
   return PRESETS[name]
@@ -580,3 +585,58 @@ class SynthBenchBatches:
                       start + self.batch_size)
     self.step += 1
     return np.asarray(x, np.float32)  # host batches, as a store reader yields them
+
+
+def write_synthbench_store(path, bench: SynthBench, num_tokens: int, *, seed: int = 0,
+                           chunk_rows: int = 16384, source: str = "synthbench",
+                           progress: bool = False):
+  """Draws ``num_tokens`` tokens into an activation store (resumable, deterministic).
+
+  Chunk ``i`` holds rows ``[i * chunk_rows, (i + 1) * chunk_rows)`` of the stream of
+  ``SynthBenchBatches(bench, chunk_rows, seed)``; each chunk is committed as one shard, so
+  an interrupted write resumes after its last shard and ends byte-identical to an
+  uninterrupted one. A finite store lets every SAE of a comparison see the same tokens,
+  as a harvested store does, and costs the sampling once instead of once per run.
+
+  Args:
+    path: the store folder (:mod:`sae_jax.data.store` format, float32).
+    bench: the generative model (:func:`make_synthbench`).
+    num_tokens: rows to write, ``>= 1``.
+    seed: seed of the token stream.
+    chunk_rows: rows drawn and committed at once.
+    source: the ``model`` name recorded in the manifest (the store has no layer: -1).
+    progress: show a progress bar.
+
+  Returns:
+    A :class:`sae_jax.data.store.StoreReader` on the finished store.
+  """
+  from sae_jax.data import store as store_lib  # the store depends on nothing here
+  from tqdm.auto import tqdm
+  for name, value in (("num_tokens", num_tokens), ("chunk_rows", chunk_rows)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be an int >= 1; got {value!r}.")
+  f, d = bench.features.shape
+  meta = {"synthbench": {"seed": seed, "chunk_rows": chunk_rows, "num_features": int(f)}}
+  manifest = pathlib.Path(path) / store_lib.MANIFEST
+  if manifest.exists():
+    written = store_lib.read_manifest(path).get("meta", {}).get("synthbench")
+    if written != meta["synthbench"]:
+      raise ValueError(f"{path} holds a store written with synthbench settings {written}, "
+                       f"not {meta['synthbench']}; use another path or those settings.")
+  with store_lib.StoreWriter(path, int(d), "float32", source, -1, "synthetic",
+                             shard_rows=chunk_rows, meta=meta) as writer:
+    batches = SynthBenchBatches(bench, chunk_rows, seed)
+    done = writer.count
+    if done % chunk_rows and done < num_tokens:
+      raise ValueError(f"{path} ends inside a chunk ({done} rows); it was closed early. "
+                       f"Delete it and write it again.")
+    batches.restore({"step": done // chunk_rows, "seed": seed, "global_batch": chunk_rows})
+    bar = tqdm(total=num_tokens, initial=min(done, num_tokens), disable=not progress,
+               desc="synthbench store", unit="tok", unit_scale=True)
+    with bar:
+      while done < num_tokens:
+        rows = next(batches)[:num_tokens - done]
+        writer.add(rows)
+        done += len(rows)
+        bar.update(len(rows))
+  return store_lib.StoreReader(path)

@@ -1,4 +1,4 @@
-"""Tests of the AP report's statistics and verdicts (experiments.prune_ap_report)."""
+"""Tests of the shared interval (experiments.reporting) and the AP report's verdicts."""
 
 import math
 
@@ -7,6 +7,7 @@ import numpy as np
 from scipy import stats
 
 from experiments import prune_ap_report as report
+from experiments import reporting as exp_stats
 
 
 def _row(arm, seed, cycle, acc, dnr, sparsity=None):
@@ -21,19 +22,19 @@ class ConfidenceIntervalTest(absltest.TestCase):
   def test_golden_three_values(self):
     # Mean 2, sample std 1; t(0.975, 2) = 4.302653 (scipy.stats.t.ppf), so the half
     # width is 4.302653 / sqrt(3) = 2.484138.
-    mean, low, high, n = report.confidence_interval([1.0, 2.0, 3.0])
+    mean, low, high, n = exp_stats.confidence_interval([1.0, 2.0, 3.0])
     self.assertEqual((mean, n), (2.0, 3))
     self.assertAlmostEqual(high - mean, 2.484138, places=5)
     self.assertAlmostEqual(mean - low, 2.484138, places=5)
 
   def test_matches_scipy_interval(self):
     x = np.random.default_rng(0).normal(size=7)
-    _, low, high, _ = report.confidence_interval(x)
+    _, low, high, _ = exp_stats.confidence_interval(x)
     ref = stats.t.interval(0.95, 6, loc=x.mean(), scale=stats.sem(x))
     np.testing.assert_allclose([low, high], ref, rtol=1e-12)
 
   def test_one_value_has_no_interval(self):
-    mean, low, high, n = report.confidence_interval([0.5])
+    mean, low, high, n = exp_stats.confidence_interval([0.5])
     self.assertEqual((mean, n), (0.5, 1))
     self.assertTrue(math.isnan(low) and math.isnan(high))
 

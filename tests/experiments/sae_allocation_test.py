@@ -1,4 +1,4 @@
-"""End-to-end smoke run of experiments/sae_allocation.py on a tiny config."""
+"""End-to-end smoke runs of experiments/sae_allocation.py on tiny configs."""
 
 import json
 import pathlib
@@ -7,14 +7,15 @@ import tempfile
 from absl.testing import absltest
 
 from experiments import sae_allocation
+from experiments import sae_report
 
-REQUIRED = ("strategy", "aux_loss", "k", "l0_mean", "nmse", "dead_fraction",
-            "underutilised_fraction", "fidelity_recovered")
+REQUIRED = ("strategy", "aux_loss", "k", "seed", "source", "l0_mean", "fvu", "nmse",
+            "dead_fraction", "underutilised_fraction", "curve")
 
 
 class SaeAllocationSmokeTest(absltest.TestCase):
 
-  def test_smoke_preset_writes_results_plots_and_saes(self):
+  def test_minilm_smoke_preset_writes_results_plots_and_saes(self):
     with tempfile.TemporaryDirectory() as tmp:
       out = pathlib.Path(tmp) / "out"
       runs = ["mutual_choice-aux_zipf-k8", "feature_choice_zipf-none-k8", "topk-none-k4"]
@@ -24,22 +25,56 @@ class SaeAllocationSmokeTest(absltest.TestCase):
       saved = json.loads((out / "results.json").read_text())
       self.assertEqual([r["name"] for r in saved["runs"]], runs)
       for r in saved["runs"]:
-        for key in REQUIRED:
+        for key in REQUIRED + ("fidelity_recovered",):
           self.assertIn(key, r)
-        self.assertEqual(r["l0_mean"] > 0, True)
+        self.assertGreater(r["l0_mean"], 0)
       mc = saved["runs"][0]
       # Mutual Choice keeps exactly k * b entries per training batch; on held-out batches
       # of the same size its mean L0 is k (up to tokens whose kept codes are 0).
       self.assertLessEqual(mc["l0_mean"], 8.0 + 1e-9)
       self.assertIn("threshold_nmse", mc)
+      self.assertEqual(mc["mc_equals_batch_topk"], 1.0)
       self.assertNotIn("threshold_nmse", saved["runs"][2])  # TopK needs no calibration
-      for png in ("nmse_vs_l0.png", "dead_fraction.png", "l0_histograms.png",
-                  "density_vs_rank.png"):
+      for png in ("fvu_vs_l0_minilm.png", "l0_distributions_minilm.png",
+                  "training_curves_minilm.png"):
         self.assertGreater((out / png).stat().st_size, 1000)
-      self.assertIn("| mutual_choice | aux_zipf | 8 |", (out / "results.md").read_text())
+      self.assertIn("| mutual_choice | aux_zipf | 8 | 1 |", (out / "results.md").read_text())
+      self.assertIn("python -m experiments.sae_allocation --preset smoke", saved["command"])
       for name in runs:
-        self.assertTrue((out / "saes" / name / "cfg.json").exists())
+        cfg = json.loads((out / "saes" / name / "cfg.json").read_text())
+        # Hidden state 3 is the output of block index 2 (TransformerLens numbering).
+        self.assertEqual(cfg["hook_layer"], 2)
       self.assertEqual(result["store_tokens"], 4000)
+
+  def test_synthbench_seeds_resume_and_verdicts(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      out = pathlib.Path(tmp) / "out"
+      argv = ["--preset", "smoke", "--sources", "synthbench", "--seeds", "0", "1", "--out",
+              str(out), "--cache", str(pathlib.Path(tmp) / "cache"), "--quiet", "--only",
+              "topk-none-k8", "mutual_choice-none-k8"]
+      first = sae_allocation.main(argv)
+      rows = first["runs"]
+      self.assertEqual(sorted((r["name"], r["seed"]) for r in rows),
+                       [("mutual_choice-none-k8", 0), ("mutual_choice-none-k8", 1),
+                        ("topk-none-k8", 0), ("topk-none-k8", 1)])
+      for r in rows:
+        for key in REQUIRED + ("recovery_mcc", "recovery_f1"):
+          self.assertIn(key, r)
+        self.assertNotIn("fidelity_recovered", r)
+        self.assertTrue(0.0 <= r["recovery_mcc"] <= 1.0)
+      # A second call finds every row on disk and trains nothing again.
+      again = sae_allocation.main(argv)
+      self.assertEqual([r["train_seconds"] for r in again["runs"]],
+                       [r["train_seconds"] for r in rows])
+      claims = {(v["claim"], v["n"]) for v in sae_report.verdicts(rows)}
+      self.assertIn(("mutual_choice has fewer dead features than TopK", 2), claims)
+      self.assertIn(("Mutual Choice selects what BatchTopK selects", 2), claims)
+      # Only the first seed is exported; the export names its source, not an LM layer.
+      cfg = json.loads((out / "saes" / "topk-none-k8" / "cfg.json").read_text())
+      self.assertIsNone(cfg["hook_layer"])
+      self.assertIsNone(cfg["context_size"])
+      self.assertGreater((out / "fvu_vs_l0_synthbench.png").stat().st_size, 1000)
+      self.assertIn("## synthbench", (out / "results.md").read_text())
 
 
 if __name__ == "__main__":

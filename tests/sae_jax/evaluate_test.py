@@ -54,6 +54,17 @@ class BatchStatisticsTest(chex.TestCase):
     # Positive parts fire on 3, 0, 1, 1 tokens; negative parts on 0, 3, 1, 0.
     np.testing.assert_array_equal(stats.fire_counts, [3, 0, 1, 1, 0, 3, 1, 0])
     self.assertEqual(stats.l0_histogram.dtype, jnp.int32)
+    # 1 + 1 + 4 + 1 + 9 + 1 + 4 + 1 + 16 = 38; an exact reconstruction leaves no residual,
+    # and every token lies off the batch mean.
+    self.assertEqual(float(stats.x_sum_sq), 38.0)
+    np.testing.assert_array_equal(stats.residual_sum, np.zeros(4))
+    self.assertEqual(float(stats.residual_centred_sum_sq), 0.0)
+    self.assertEqual(float(stats.per_token_fvu_sum), 0.0)
+    self.assertEqual(int(stats.per_token_count), 3)
+    one = self.variant(functools.partial(evaluate.batch_statistics, cfg=_relu_cfg(4)))(
+        _identity(4, decoder_scale=0.5), jnp.asarray(X[:1]))
+    self.assertEqual(int(one.per_token_count), 0)  # A one-token batch has no ratio.
+    self.assertEqual(float(one.per_token_fvu_sum), 0.0)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_fire_threshold_and_thresholded_path_golden(self):
@@ -140,8 +151,9 @@ class EvaluateSAETest(parameterized.TestCase):
     out = evaluate.evaluate_sae(_identity(4), _relu_cfg(4), iter([X, extra]), num_batches=2,
                                 threshold=0.0)
     self.assertEqual((out["num_batches"], out["num_tokens"]), (2, 4))
-    self.assertEqual(out["nmse"], 0.0)
-    self.assertEqual(out["fvu"], 0.0)
+    for key in ("nmse", "fvu", "fvu_per_token", "fvu_about_zero", "fvu_centred_residual"):
+      self.assertEqual(out[key], 0.0, key)
+    self.assertEqual(out["explained_variance"], 1.0)
     # L0 values 2, 3, 4, 4.
     self.assertEqual(out["l0_mean"], 3.25)
     np.testing.assert_array_equal(out["l0_histogram"], [0, 0, 1, 1, 2])
@@ -153,8 +165,9 @@ class EvaluateSAETest(parameterized.TestCase):
                                   [1.0, 0.0, 0.5, 0.5, 0.0, 1.0, 0.25, 0.0])
     self.assertEqual(out["dead_fraction"], 3 / 8)
     # Thresholding ReLU codes at 0 keeps exactly the ReLU allocation.
-    for key in ("nmse", "fvu", "l0_mean", "l0_p50", "dead_fraction", "underutilised_fraction",
-                "zipf_C", "zipf_s"):
+    for key in ("nmse", "fvu", "explained_variance", "fvu_per_token", "fvu_about_zero",
+                "fvu_centred_residual", "l0_mean", "l0_p50", "dead_fraction",
+                "underutilised_fraction", "zipf_C", "zipf_s"):
       self.assertEqual(out["threshold_" + key], out[key], key)
     np.testing.assert_array_equal(out["threshold_feature_density"], out["feature_density"])
 
@@ -174,6 +187,62 @@ class EvaluateSAETest(parameterized.TestCase):
     np.testing.assert_allclose(pooled["fvu"], se / np.sum((x - x.mean(0)) ** 2), rtol=1e-5)
     # The pooled sum of squares adds the spread of the batch means to the denominator.
     self.assertLess(pooled["fvu"], pooled["nmse"])
+
+  @staticmethod
+  def _reference_fvus(batches, recons):
+    """The explained-variance variants computed directly in float64 numpy."""
+    x = np.concatenate(batches).astype(np.float64)
+    r = x - np.concatenate(recons).astype(np.float64)
+    se = np.sum(r ** 2)
+    ratios = []
+    for b, rec in zip(batches, recons):
+      b, rec = b.astype(np.float64), rec.astype(np.float64)
+      den = np.sum((b - b.mean(0)) ** 2, 1)
+      num = np.sum((b - rec) ** 2, 1)
+      ratios.extend(num[den > 0] / den[den > 0])  # A one-token batch has none.
+    fvu = se / np.sum((x - x.mean(0)) ** 2)
+    return {"fvu": fvu, "explained_variance": 1 - fvu,
+            "nmse": se / sum(np.sum((b - b.mean(0)) ** 2) for b in batches),
+            "fvu_per_token": np.mean(ratios),
+            "fvu_about_zero": se / np.sum(x ** 2),
+            "fvu_centred_residual": np.sum(np.var(r, 0)) / np.sum(np.var(x, 0))}
+
+  def test_fvu_variants_match_numpy_over_unequal_batches(self):
+    cfg = model.SAEConfig(d_model=6, d_sae=12, allocation="relu")
+    params = tied_init(jax.random.key(5), 6, 12)
+    rng = np.random.default_rng(5)
+    shift = rng.normal(size=6)
+    batches = [(rng.normal(size=(n, 6)) * rng.uniform(0.5, 2.0, 6) + shift).astype(np.float32)
+               for n in (7, 3, 1, 12)]
+    theta = np.linspace(0.0, 0.4, 12).astype(np.float32)
+    out = evaluate.evaluate_sae(params, cfg, batches, num_batches=4, threshold=theta)
+    recons = [np.asarray(model.forward(params, jnp.asarray(b), cfg).recon) for b in batches]
+    thr_recons = [np.asarray(model.decode(params, model.encode_thresholded(
+        params, jnp.asarray(b), cfg, jnp.asarray(theta))[0], cfg)) for b in batches]
+    for prefix, rec in (("", recons), ("threshold_", thr_recons)):
+      for key, value in self._reference_fvus(batches, rec).items():
+        np.testing.assert_allclose(out[prefix + key], value, rtol=2e-5, err_msg=prefix + key)
+    self.assertNotAlmostEqual(out["fvu"], out["threshold_fvu"], places=3)
+    # Removing the residual's mean can only lower the error: centred <= textbook.
+    self.assertLessEqual(out["fvu_centred_residual"], out["fvu"])
+
+  def test_fvu_variants_differ_for_activations_with_a_large_mean(self):
+    rng = np.random.default_rng(6)
+    batches = [(10.0 + rng.normal(size=(n, 4))).astype(np.float32) for n in (64, 40, 96)]
+    # recon = 0.9 x: the residual 0.1 x carries the large mean.
+    out = evaluate.evaluate_sae(_identity(4, decoder_scale=0.9), _relu_cfg(4), batches,
+                                num_batches=3)
+    reference = self._reference_fvus(batches, [0.9 * b for b in batches])
+    for key, value in reference.items():
+      np.testing.assert_allclose(out[key], value, rtol=2e-5, err_msg=key)
+    # About zero: 0.01 |x|^2 / |x|^2, an explained variance of 0.99.
+    np.testing.assert_allclose(out["fvu_about_zero"], 0.01, rtol=1e-5)
+    # Var(0.1 x) / Var(x): the centred residual ignores the mean as well.
+    np.testing.assert_allclose(out["fvu_centred_residual"], 0.01, rtol=1e-5)
+    # Textbook: 0.01 * (100 + 1) / 1 per dimension; nothing explained.
+    self.assertGreater(out["fvu"], 0.9)
+    self.assertLess(out["explained_variance"], 0.1)
+    self.assertGreater(out["fvu_per_token"], out["fvu"])  # Tokens near the mean dominate.
 
   def test_zipf_golden_and_density_curve(self):
     # Dimension j is positive on the first 12, 6, 4, 3 of 12 tokens: densities 1, 1/2,
@@ -392,6 +461,65 @@ class PlotsTest(parameterized.TestCase):
         (lambda: plots.plot_dead_fraction(
             [dict(good, dead_fraction=0.1, underutilised_fraction=0.2),
              dict(good, dead_fraction=0.1)], p), r"in every row or in none; rows \[1\]"),
+    ]
+    for fn, pattern in cases:
+      with self.subTest(pattern=pattern), self.assertRaisesRegex(ValueError, pattern):
+        fn()
+    self.assertFalse(p.exists())
+
+  def test_field_figures_are_written(self):
+    rows = [dict(strategy=s, k=k, seed=seed, l0_mean=k * (1 + 0.05 * seed),
+                 fvu=0.5 / k + 0.01 * seed)
+            for s in ("topk", "mutual_choice") for k in (4, 16, 64) for seed in range(3)]
+    rows.append(dict(strategy="feature_choice", k=8, seed=0, l0_mean=8.0, fvu=0.1))
+    self._check_png(plots.plot_fvu_vs_l0_pareto(rows, self.dir / "pareto.png"))
+    self._check_png(plots.plot_fvu_vs_l0_pareto(
+        [dict(r, explained_variance=1 - r["fvu"]) for r in rows], self.dir / "ev.png",
+        y="explained_variance"))
+    spike = np.zeros(40)
+    spike[16] = 1000  # TopK: every token at L0 = k.
+    spread = np.bincount(np.random.default_rng(0).poisson(16, 1000), minlength=40)[:40]
+    self._check_png(plots.plot_l0_distributions({"topk": spike, "mc": spread},
+                                                self.dir / "l0_panels.png"))
+    self._check_png(plots.plot_l0_distributions({"mc": spread}, self.dir / "l0_log.png",
+                                                log_y=True))
+    curves = {"topk": [dict(tokens=t, fvu=1 / (1 + t), dead_fraction=0.1) for t in range(5)],
+              # Logged at other intervals: entries may lack a key or hold None.
+              "mc": [dict(tokens=4, fvu=0.2), dict(tokens=0, fvu=0.9, dead_fraction=None),
+                     dict(tokens=2, dead_fraction=0.0)]}
+    self._check_png(plots.plot_training_curves(curves, self.dir / "curves.png"))
+    self._check_png(plots.plot_training_curves(curves, self.dir / "fvu.png", keys=("fvu",)))
+
+  def test_field_figures_reject_bad_input(self):
+    p, row = self.dir / "y.png", dict(strategy="topk", k=4, l0_mean=4.0, fvu=0.2)
+    curve = [dict(tokens=0, fvu=0.5, dead_fraction=0.0)]
+    cases = [
+        (lambda: plots.plot_fvu_vs_l0_pareto([], p), "rows must not be empty"),
+        (lambda: plots.plot_fvu_vs_l0_pareto([{"strategy": "a", "l0_mean": 1.0, "fvu": 0.1}], p),
+         r"rows\[0\] lacks the keys \['k'\]"),
+        (lambda: plots.plot_fvu_vs_l0_pareto([dict(row, l0_mean=0.0)], p),
+         r"rows\[0\]\['l0_mean'\] must be > 0 to draw on a log axis"),
+        (lambda: plots.plot_fvu_vs_l0_pareto([dict(row, fvu=np.nan)], p),
+         r"rows\[0\]\['fvu'\] must be a finite number"),
+        (lambda: plots.plot_fvu_vs_l0_pareto([row], p, y="l0_mean"), "four distinct"),
+        (lambda: plots.plot_fvu_vs_l0_pareto([row], self.dir / "y.svg"), "must end in .png"),
+        (lambda: plots.plot_l0_distributions({}, p), "l0_histograms_by_run must not be empty"),
+        (lambda: plots.plot_l0_distributions({"a": np.zeros(3)}, p), "positive total"),
+        (lambda: plots.plot_l0_distributions({"a": np.ones((2, 2))}, p),
+         r"l0_histograms_by_run\['a'\] must be 1-D"),
+        (lambda: plots.plot_training_curves({}, p), "curves_by_run must not be empty"),
+        (lambda: plots.plot_training_curves({"a": []}, p), r"curves_by_run\['a'\] must not be"),
+        (lambda: plots.plot_training_curves({"a": {"tokens": 0}}, p), "must be a list of dicts"),
+        (lambda: plots.plot_training_curves({"a": [{"fvu": 0.1}]}, p),
+         r"curves_by_run\['a'\]\[0\] lacks the keys \['tokens'\]"),
+        (lambda: plots.plot_training_curves({"a": [dict(tokens=-1, fvu=0.1)]}, p),
+         r"\['tokens'\] must be a finite number >= 0"),
+        (lambda: plots.plot_training_curves({"a": [dict(tokens=0, fvu=np.inf)]}, p),
+         r"curves_by_run\['a'\]\[0\]\['fvu'\] must be a finite number"),
+        (lambda: plots.plot_training_curves({"a": curve}, p, keys="fvu"), "keys must be"),
+        (lambda: plots.plot_training_curves({"a": curve}, p, keys=("fvu", "fvu")), "distinct"),
+        (lambda: plots.plot_training_curves({"a": curve}, p, keys=("fvu", "l0_mean")),
+         r"no run has a value for keys \['l0_mean'\]"),
     ]
     for fn, pattern in cases:
       with self.subTest(pattern=pattern), self.assertRaisesRegex(ValueError, pattern):

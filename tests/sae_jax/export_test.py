@@ -113,6 +113,8 @@ class ExportTest(parameterized.TestCase):
     self.assertNotIn("sae_lens_version", c)  # Read as the flat pre-6.0 layout.
     own = c["sae_jax"]
     self.assertEqual((own["format_version"], own["layer"], own["normalization"]), (1, 3, None))
+    # No source/metadata given: the record keeps the keys (and bytes) of earlier versions.
+    self.assertEqual(set(own), {"format_version", "config", "layer", "normalization"})
     self.assertEqual(own["config"], {"d_model": D, "d_sae": F, "allocation": "topk", "k": 4,
                                      "zipf_exponent": 1.0, "select_on": "relu",
                                      "l1_coefficient": 0.0, "dtype": "float32",
@@ -196,13 +198,193 @@ class ExportTest(parameterized.TestCase):
       ("params_shape", dict(d_sae=8), {}, r"params.W_enc must have shape \(6, 8\)"),
       ("fold_false_with_mean", {}, dict(normalization={"mean": 1.0, "scale": 2.0}, fold=False),
        "fold=False can only express a pure rescaling"),
-      ("bad_normalization", {}, dict(normalization={"scale": 2.0}), "normalization must have"))
+      ("bad_normalization", {}, dict(normalization={"scale": 2.0}), "normalization must have"),
+      ("mc_without_threshold_no_layer", dict(allocation="feature_choice"),
+       dict(layer=None, context_size=None, source="synthbench:cpu"),
+       "pass threshold=TrainState.threshold"),
+      ("empty_source", {}, dict(source=""), "source must be a non-empty string"),
+      ("source_not_str", {}, dict(source=3), "source must be a non-empty string"),
+      ("metadata_not_mapping", {}, dict(metadata=[("seed", 0)]), "metadata must be a mapping"),
+      ("metadata_key", {}, dict(metadata={0: "a"}), "metadata must be a mapping with str keys"),
+      ("metadata_numpy", {}, dict(metadata={"seed": np.int64(0)}), r"\.item\(\)"),
+      ("metadata_nan", {}, dict(metadata={"x": float("nan")}), "only JSON values"),
+      ("prepend_bos", {}, dict(prepend_bos=1), "prepend_bos must be a bool or None"))
   def test_export_rejects(self, cfg_overrides, overrides, pattern):
     cfg = model.SAEConfig(**(dict(d_model=D, d_sae=F, allocation="topk", k=2) | cfg_overrides))
     kwargs = dict(layer=1, context_size=8) | overrides
     with self.assertRaisesRegex(ValueError, pattern):
       export.export_saelens(self.dir / "out", _params(), cfg, **kwargs)
     self.assertFalse((self.dir / "out" / "cfg.json").exists())
+
+  @parameterized.named_parameters(
+      ("topk", "topk", None),
+      ("mutual_choice", "mutual_choice", 0.05),
+      ("feature_choice", "feature_choice", np.linspace(-1.0, 0.3, F).astype(np.float32)))
+  def test_export_without_an_lm_layer_round_trips(self, allocation, threshold):
+    cfg = model.SAEConfig(d_model=D, d_sae=F, allocation=allocation, k=3)
+    params = _params()
+    metadata = {"preset": "cpu", "seed": 0, "n_features": 4096, "zipf": [0.4, 5e-4],
+                "tree": {"roots": 128}}
+    folder = export.export_saelens(self.dir / allocation, params, cfg, threshold=threshold,
+                                   source="synthbench:cpu", metadata=metadata)
+    loaded, loaded_cfg, loaded_threshold = export.load_exported(folder)
+    chex.assert_trees_all_equal(loaded, params)
+    self.assertEqual(loaded_cfg, cfg)
+    if threshold is None:
+      self.assertIsNone(loaded_threshold)
+    else:
+      np.testing.assert_array_equal(loaded_threshold,
+                                    np.broadcast_to(np.float32(threshold), (F,)))
+    tensors, c = _read(folder)
+    # Nothing LM-specific is invented; the keys stay (as null) for pre-6.0 SAELens, whose
+    # SAEConfig dataclasses require them.
+    for key in export.LM_KEYS:
+      self.assertIn(key, c)
+      self.assertIsNone(c[key], key)
+    self.assertEqual(c["dataset_path"], "")
+    self.assertNotIn("metadata", c)  # SAELens 6 would read it as its own metadata block.
+    text = (folder / "cfg.json").read_text()
+    for invented in ("blocks.", "hook_full_embed", "hook_normalized", "MiniLM"):
+      self.assertNotIn(invented, text)
+    own = c["sae_jax"]
+    self.assertEqual((own["layer"], own["source"], own["metadata"]),
+                     (None, "synthbench:cpu", metadata))
+    self.assertEqual(export.exported_source(folder),
+                     {"source": "synthbench:cpu", "metadata": metadata, "layer": None,
+                      "model_name": None, "hook_name": None, "context_size": None,
+                      "dataset_path": ""})
+    # SAELens's encoder still reads the folder.
+    x = _x()
+    expected = (model.encode_thresholded(params, jnp.asarray(x), cfg, threshold)[0]
+                if threshold is not None else model.forward(params, jnp.asarray(x), cfg).codes)
+    np.testing.assert_allclose(_saelens_codes(tensors, c, x), expected, atol=1e-6)
+
+  def test_lm_export_may_name_its_source(self):
+    cfg = model.SAEConfig(d_model=D, d_sae=F, allocation="topk", k=2)
+    folder = export.export_saelens(self.dir, _params(), cfg, layer=3, context_size=64,
+                                   source="minilm:cpu", metadata={"store": "runs/store"})
+    _, c = _read(folder)
+    self.assertEqual((c["hook_name"], c["context_size"]),
+                     ("blocks.2.hook_normalized_resid_post", 64))
+    info = export.exported_source(folder)
+    self.assertEqual((info["source"], info["metadata"], info["layer"], info["model_name"]),
+                     ("minilm:cpu", {"store": "runs/store"}, 3, export.MINILM))
+
+  def test_hook_without_layer(self):
+    # A brought store may know its model and hook but not a hidden_states index.
+    cfg = model.SAEConfig(d_model=D, d_sae=F, allocation="relu")
+    folder = export.export_saelens(self.dir, _params(), cfg, model_name="gpt2",
+                                   hook_name="blocks.8.hook_resid_pre", context_size=128,
+                                   prepend_bos=True)
+    _, c = _read(folder)
+    self.assertEqual((c["model_name"], c["hook_name"], c["hook_layer"], c["context_size"],
+                      c["prepend_bos"]), ("gpt2", "blocks.8.hook_resid_pre", None, 128, True))
+    self.assertIsNone(c["sae_jax"]["layer"])
+
+
+# Codes of the exported SAE on raw activations against those of the original parameters on
+# normalised ones, computed directly with model.encode / model.encode_thresholded.
+_ENCODE_CASES = (
+    ("topk", dict(allocation="topk", k=3), None),
+    ("topk_raw", dict(allocation="topk", k=3, select_on="raw"), None),
+    ("relu", dict(allocation="relu"), None),
+    ("batch_topk", dict(allocation="batch_topk", k=2.5), 0.2),
+    ("mutual_choice", dict(allocation="mutual_choice", k=3), "per_feature"),
+    ("feature_choice", dict(allocation="feature_choice", k=3), "per_feature"),
+    ("feature_choice_zipf", dict(allocation="feature_choice_zipf", k=3), "per_feature"),
+)
+
+
+class EncodeExportedTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.dir = pathlib.Path(tempfile.mkdtemp())
+    rng = np.random.default_rng(11)
+    self.norm = {"mean": rng.normal(size=D), "scale": rng.uniform(0.5, 2.0, size=D)}
+    self.h = (rng.normal(size=(33, D)) * 2 + 1).astype(np.float32)  # Raw activations.
+
+  def _case(self, cfg_kwargs, threshold, seed=3):
+    cfg = model.SAEConfig(d_model=D, d_sae=F, **cfg_kwargs)
+    params = _params(seed)
+    if isinstance(threshold, str):
+      threshold = np.random.default_rng(seed).uniform(0.0, 0.4, F).astype(np.float32)
+    return cfg, params, threshold
+
+  def _original_codes(self, params, cfg, threshold, x):
+    if threshold is None:
+      return np.asarray(model.encode(params, jnp.asarray(x), cfg)[0])
+    return np.asarray(model.encode_thresholded(params, jnp.asarray(x), cfg, threshold)[0])
+
+  @parameterized.named_parameters(*_ENCODE_CASES)
+  def test_codes_equal_the_original_sae_on_normalised_inputs(self, cfg_kwargs, threshold):
+    self.assertIn(cfg_kwargs["allocation"], model.ALLOCATIONS)
+    cfg, params, threshold = self._case(cfg_kwargs, threshold)
+    folder = export.export_saelens(self.dir, params, cfg, threshold=threshold,
+                                   normalization=self.norm, source="synthbench:cpu")
+    codes = np.asarray(export.encode_exported(folder, self.h))
+    n = evaluate.as_normalization(self.norm, D)
+    x = (self.h - n.mean) / n.scale
+    expected = self._original_codes(params, cfg, threshold, x)
+    # Folding rounds W_enc / scale (and b_dec * scale + mean) to float32: tolerance 1e-5,
+    # which also catches any flipped entry (a flip moves a code by at least its threshold).
+    np.testing.assert_allclose(codes, expected, rtol=1e-5, atol=1e-5)
+    self.assertTrue(0 < np.count_nonzero(codes) < codes.size)
+    np.testing.assert_array_equal(codes != 0, expected != 0)
+    # The loaded tuple gives the same codes as the folder.
+    np.testing.assert_array_equal(export.encode_exported(export.load_exported(folder), self.h),
+                                  codes)
+    # Batch-independent: encoding a subset of rows (in another order) gives the same rows,
+    # exactly.
+    rows = np.array([30, 2, 17, 5, 0])
+    np.testing.assert_array_equal(export.encode_exported(folder, self.h[rows]), codes[rows])
+    np.testing.assert_array_equal(export.encode_exported(folder, self.h[7:8]), codes[7:8])
+
+  @parameterized.named_parameters(*_ENCODE_CASES)
+  def test_without_normalisation_codes_are_exact(self, cfg_kwargs, threshold):
+    cfg, params, threshold = self._case(cfg_kwargs, threshold, seed=4)
+    folder = export.export_saelens(self.dir, params, cfg, threshold=threshold)
+    np.testing.assert_array_equal(export.encode_exported(folder, self.h),
+                                  self._original_codes(params, cfg, threshold, self.h))
+
+  def test_unfolded_rescaling_is_applied_exactly(self):
+    cfg = model.SAEConfig(d_model=D, d_sae=F, allocation="topk", k=3)
+    params = _params()
+    folder = export.export_saelens(self.dir, params, cfg, fold=False,
+                                   normalization={"mean": 0.0, "scale": 4.0})
+    expected = self._original_codes(params, cfg, None, (self.h - np.float32(0)) / np.float32(4))
+    np.testing.assert_array_equal(export.encode_exported(folder, self.h), expected)
+    loaded = export.load_exported(folder)
+    np.testing.assert_array_equal(
+        export.encode_exported(loaded, self.h,
+                               normalization=export.exported_normalization(folder)), expected)
+    with self.assertRaisesRegex(ValueError, "normalization must be None with a folder"):
+      export.encode_exported(folder, self.h, normalization={"mean": 0.0, "scale": 4.0})
+
+  @parameterized.parameters("batch_topk", "mutual_choice", "feature_choice",
+                            "feature_choice_zipf")
+  def test_batch_level_allocation_without_threshold_raises(self, allocation):
+    cfg = model.SAEConfig(d_model=D, d_sae=F, allocation=allocation, k=2)
+    with self.assertRaisesRegex(ValueError, "pass threshold=TrainState.threshold"):
+      export.export_saelens(self.dir, _params(), cfg)
+    with self.assertRaisesRegex(ValueError, f"allocation='{allocation}'.*pass "
+                                "threshold=TrainState.threshold"):
+      export.encode_exported((_params(), cfg, None), self.h)
+    with self.assertRaisesRegex(ValueError, "pass threshold=TrainState.threshold"):
+      model.inference_codes(_params(), jnp.asarray(self.h), cfg)
+
+  def test_rejects(self):
+    cfg = model.SAEConfig(d_model=D, d_sae=F, allocation="topk", k=2)
+    with self.assertRaisesRegex(ValueError, "exported must be a folder path or the"):
+      export.encode_exported([_params(), cfg, None], self.h)
+    with self.assertRaisesRegex(ValueError, "cfg a model.SAEConfig"):
+      export.encode_exported((_params(), {"d_model": D}, None), self.h)
+    with self.assertRaisesRegex(ValueError, "threshold must be None for allocation='topk'"):
+      export.encode_exported((_params(), cfg, 0.1), self.h)
+    with self.assertRaisesRegex(ValueError, r"x must have shape \[b, d_model=6\]"):
+      export.encode_exported((_params(), cfg, None), self.h[:, :4])
+    with self.assertRaisesRegex(FileNotFoundError, "cfg.json: missing"):
+      export.encode_exported(self.dir / "nowhere", self.h)
 
 
 class LoadTest(parameterized.TestCase):
@@ -277,3 +459,34 @@ class LoadTest(parameterized.TestCase):
     np.testing.assert_allclose(out.codes, expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out.recon, expected @ tensors["W_dec"] + tensors["b_dec"],
                                rtol=1e-5, atol=1e-5)
+
+  def test_encode_exported_matches_saelens(self):
+    x = _x()
+    np.testing.assert_allclose(export.encode_exported(self.dir, x),
+                               _saelens_codes(self.tensors, self.cfg_json, x), atol=1e-6)
+    # A JumpReLU folder SAELens wrote (no sae_jax record) loads as ReLU plus its threshold.
+    rng = np.random.default_rng(8)
+    tensors = {"W_enc": rng.normal(size=(D, F)).astype(np.float32),
+               "b_enc": rng.normal(size=F).astype(np.float32),
+               "W_dec": rng.normal(size=(F, D)).astype(np.float32),
+               "b_dec": rng.normal(size=D).astype(np.float32),
+               "threshold": rng.uniform(0.0, 1.0, F).astype(np.float32)}
+    cfg_json = {"architecture": "jumprelu", "d_in": D, "d_sae": F, "dtype": "float32",
+                "normalize_activations": "none",
+                "metadata": {"model_name": "gemma-2-2b", "hook_name": "blocks.3.hook_resid_post",
+                             "context_size": 1024, "sae_lens_version": "6.12.1"}}
+    self._write(tensors, cfg_json)
+    codes = export.encode_exported(self.dir, x)
+    np.testing.assert_allclose(codes, _saelens_codes(tensors, cfg_json | {
+        "apply_b_dec_to_input": True}, x), rtol=1e-5, atol=1e-5)
+    self.assertTrue(0 < np.count_nonzero(codes) < codes.size)
+    info = export.exported_source(self.dir)
+    self.assertEqual((info["source"], info["layer"], info["model_name"], info["context_size"]),
+                     (None, None, "gemma-2-2b", 1024))
+
+  def test_encode_exported_refuses_unrecorded_runtime_normalisation(self):
+    self._write(cfg_json={k: v for k, v in self.cfg_json.items() if k != "sae_jax"}
+                | {"normalize_activations": "expected_average_only_in"})
+    with self.assertRaisesRegex(ValueError, "normalize_activations='expected_average_only_in'"
+                                ".*normalization="):
+      export.encode_exported(self.dir, _x())

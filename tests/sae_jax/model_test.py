@@ -19,8 +19,10 @@ from sae_jax.model import (
     decode,
     encode,
     encode_pre,
+    encode_thresholded,
     feature_capacities,
     forward,
+    inference_codes,
 )
 from sae_jax.params import SAEParams, tied_init
 
@@ -292,6 +294,39 @@ class ForwardTest(parameterized.TestCase):
       allocate(jnp.zeros((6, F)), cfg, capacity=np.ones(F, np.int32))
     with self.assertRaisesRegex(ValueError, r"capacity must have shape \[d_sae=8\].*\(3,\)"):
       allocate(jnp.zeros((6, F)), _cfg("feature_choice"), capacity=np.ones(3, np.int32))
+
+
+class InferenceCodesTest(parameterized.TestCase):
+
+  @parameterized.parameters("topk", "relu")
+  def test_per_token_rules_use_their_own_encode(self, name):
+    cfg = _cfg(name)
+    params, x = _inputs(7)
+    np.testing.assert_array_equal(inference_codes(params, x, cfg), encode(params, x, cfg)[0])
+
+  @parameterized.parameters(("batch_topk", 0.1), ("mutual_choice", 0.1),
+                            ("feature_choice", None), ("feature_choice_zipf", None),
+                            ("relu", None))
+  def test_threshold_rules_use_encode_thresholded(self, name, theta):
+    cfg = _cfg(name)
+    params, x = _inputs(8)
+    theta = np.linspace(0.0, 0.5, F).astype(np.float32) if theta is None else theta
+    expected = encode_thresholded(params, x, cfg, theta)[0]
+    np.testing.assert_array_equal(inference_codes(params, x, cfg, theta), expected)
+    jitted = jax.jit(inference_codes, static_argnames="cfg")
+    np.testing.assert_array_equal(jitted(params, x, cfg=cfg, threshold=jnp.asarray(theta)),
+                                  expected)
+    # A row's codes do not depend on the batch.
+    np.testing.assert_array_equal(inference_codes(params, x[3:5], cfg, theta), expected[3:5])
+
+  def test_invalid_raise(self):
+    params, x = _inputs(9)
+    with self.assertRaisesRegex(ValueError, "allocation='mutual_choice'.*pass threshold="):
+      inference_codes(params, x, _cfg("mutual_choice"))
+    with self.assertRaisesRegex(ValueError, "threshold must be None for allocation='topk'"):
+      inference_codes(params, x, _cfg("topk"), 0.1)
+    with self.assertRaisesRegex(ValueError, r"threshold must be a scalar or \[d_sae=8\].*\(3,\)"):
+      inference_codes(params, x, _cfg("feature_choice"), np.zeros(3))
 
 
 class SAEModuleTest(parameterized.TestCase):

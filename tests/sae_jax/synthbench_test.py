@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import tempfile
 
 import chex
 import jax
@@ -254,6 +255,40 @@ class BatchesTest(absltest.TestCase):
       synthbench.SynthBenchBatches(self.bench, batch_size=0)
     with self.assertRaisesRegex(ValueError, "process_index"):
       synthbench.SynthBenchBatches(self.bench, batch_size=2, process_index=2, process_count=2)
+
+
+class StoreTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.bench = synthbench.make_synthbench(jax.random.key(0), SMALL)
+
+  def test_store_holds_the_stream_and_resumes_to_the_same_bytes(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      whole = synthbench.write_synthbench_store(f"{tmp}/whole", self.bench, 100, seed=2,
+                                                chunk_rows=32)
+      stream = synthbench.SynthBenchBatches(self.bench, 32, seed=2)
+      expected = np.concatenate([next(stream) for _ in range(4)])[:100]
+      self.assertEqual(whole.count, 100)
+      np.testing.assert_array_equal(whole.read(0, 100), expected)
+      # Written in two sittings: 64 rows (two whole chunks), then extended to 100.
+      part = synthbench.write_synthbench_store(f"{tmp}/part", self.bench, 64, seed=2,
+                                               chunk_rows=32)
+      self.assertEqual(part.count, 64)
+      resumed = synthbench.write_synthbench_store(f"{tmp}/part", self.bench, 100, seed=2,
+                                                  chunk_rows=32)
+      np.testing.assert_array_equal(resumed.read(0, 100), expected)
+      self.assertEqual(resumed.stats.norm_mean, whole.stats.norm_mean)
+      self.assertEqual(resumed.manifest["model"], "synthbench")
+
+  def test_refuses_other_settings_and_bad_sizes(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      synthbench.write_synthbench_store(f"{tmp}/s", self.bench, 32, seed=2, chunk_rows=32)
+      with self.assertRaisesRegex(ValueError, "use another path"):
+        synthbench.write_synthbench_store(f"{tmp}/s", self.bench, 64, seed=3, chunk_rows=32)
+      with self.assertRaisesRegex(ValueError, "num_tokens"):
+        synthbench.write_synthbench_store(f"{tmp}/t", self.bench, 0)
 
 
 class ConfigErrorTest(parameterized.TestCase):
