@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup data test demo bench clean
+.PHONY: setup data test demo bench bench-device clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ demo: setup data
 
 bench: setup
 	$(PY) -m benchmarks.bench
+
+# Allocation and step benchmarks, float32 and bfloat16, on whatever device JAX sees.
+bench-device: setup
+	$(PY) -m benchmarks.device
 
 clean:
 	rm -rf $(VENV) .pytest_cache

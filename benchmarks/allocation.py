@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -155,10 +154,7 @@ def main(argv=None) -> dict:
     print(f"{f:>6} exact vs plain lax.top_k selections: {row['exact']}")
   result = {
       "benchmark": "allocation",
-      "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                  "cpu_count": os.cpu_count(), "jax": jax.__version__,
-                  "backend": jax.default_backend(),
-                  "devices": [str(dv) for dv in jax.devices()]},
+      "machine": output.machine(),
       "repeats": args.repeats,
       "rows": rows,
   }

@@ -10,3 +10,14 @@ def write_result(result: dict, path: str) -> None:
   with open(path, "w") as fh:
     json.dump(result, fh, indent=2)
   print(f"wrote {path}")
+
+
+def machine() -> dict:
+  """Where a benchmark ran: platform, processor, CPU count, JAX, backend and devices."""
+  import platform
+
+  import jax
+  return {"platform": platform.platform(), "processor": platform.processor(),
+          "cpu_count": os.cpu_count(), "jax": jax.__version__,
+          "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+          "devices": [str(dv) for dv in jax.devices()]}

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -42,6 +41,9 @@ from sae_jax import train
 CONFIGS = {"topk": ("topk", "none"), "mc": ("mutual_choice", "none"),
            "fc": ("feature_choice", "none"), "fc_zipf": ("feature_choice_zipf", "none"),
            "topk_aux_k": ("topk", "aux_k"), "mc_aux_zipf": ("mutual_choice", "aux_zipf")}
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _nbytes(tree) -> int:
@@ -71,6 +73,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--dense", action="store_true",
                       help="also time the dense reference step of every configuration")
   parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+  parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                      help="parameters, activations and the matmul in this dtype")
   parser.add_argument("--quick", action="store_true", help="small shapes for a smoke run")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                     "sae_step.json"))
@@ -82,9 +86,10 @@ def main(argv=None) -> dict:
   print(f"B={b} d={d} F={f} k={k} chunk={args.chunk_tokens} devices={jax.devices()}",
         flush=True)
 
+  dtype = DTYPES[args.dtype]
   kx, kw = jax.random.split(jax.random.key(0))
-  x = jax.random.normal(kx, (b, d), jnp.float32)
-  w = jax.random.normal(kw, (d, f), jnp.float32) / np.sqrt(d)
+  x = jax.random.normal(kx, (b, d), jnp.float32).astype(dtype)
+  w = (jax.random.normal(kw, (d, f), jnp.float32) / np.sqrt(d)).astype(dtype)
   memory, notes, paths = {}, {}, {}
   mesh = sharding.make_mesh(1, 1)
   # Every program is compiled and warmed up first, then timed in interleaved rounds, so
@@ -92,7 +97,8 @@ def main(argv=None) -> dict:
   programs = {"matmul": (jax.jit(jnp.matmul), (x, w), False)}
   for short in args.configs:
     alloc, aux = CONFIGS[short]
-    cfg = model.SAEConfig(d_model=d, d_sae=f, allocation=alloc, k=k)
+    cfg = model.SAEConfig(d_model=d, d_sae=f, allocation=alloc, k=k, dtype=dtype,
+                          param_dtype=dtype)
     tcfg = train.TrainConfig(learning_rate=1e-4, warmup_steps=10, total_steps=1000,
                              aux_loss=aux)
     state = sharding.init_sharded_state(jax.random.key(1), cfg, tcfg, mesh)
@@ -149,7 +155,7 @@ def main(argv=None) -> dict:
   result = {
       "benchmark": "sae_step",
       "shape": {"B": b, "d": d, "F": f, "k": k, "chunk_tokens": args.chunk_tokens,
-                "dtype": "float32"},
+                "dtype": args.dtype},
       **{f"{short}_step_vs_matmul": round_ratios[short] for short in args.configs},
       "step_peak_mem_vs_state": mem_ratio,
       **{f"{short}_step_peak_mem_vs_state": mem_ratios[short] for short in args.configs
@@ -169,10 +175,7 @@ def main(argv=None) -> dict:
       "notes": notes,
       "environment": {"GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"),
                       "XLA_FLAGS": os.environ.get("XLA_FLAGS")},
-      "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                  "cpu_count": os.cpu_count(), "jax": jax.__version__,
-                  "backend": jax.default_backend(),
-                  "devices": [str(dv) for dv in jax.devices()]},
+      "machine": output.machine(),
   }
   output.write_result(result, args.out)
   return result
