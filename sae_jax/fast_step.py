@@ -16,8 +16,18 @@
    the only large temporaries are the two weight gradients and one chunk. The
    usage/threshold statistics are the reference's, computed from the triples.
 
-The auxiliary losses (aux_k, aux_zipf) are sparse too: their per-token top-``k_aux``
-over candidate features is taken chunk by chunk and decoded with the same kernels.
+The auxiliary losses (aux_k, aux_zipf) take their per-token top-``k_aux`` over candidate
+features chunk by chunk. Their ``b * k_aux`` entries are then decoded in one of two forms,
+chosen per static shape by :func:`aux_form` (same result up to float32 rounding):
+
+* "triples": the flat-triple kernels of the main loss (``b * k_aux * d`` row gathers and
+  scatters), right when ``k_aux`` is a small fraction of the features (Gao et al.'s
+  ``k_aux = 384`` of ``f = 32768``: 1.2 %);
+* "dense": per encoder chunk, a dense ``[chunk, f]`` block of auxiliary codes multiplied
+  by ``W_dec``; the backward pass and the encoder gradient (into which the main
+  triples are folded) are matmuls of the same shape (:func:`sparse.row_block_decode`).
+  At small widths (``k_aux = d / 2`` is 12.5 % of ``f = 4 d``) gathering and scattering
+  one ``d``-row per entry costs several times these matmuls.
 
 Supported: allocations "topk", "batch_topk"/"mutual_choice", "feature_choice" and
 "feature_choice_zipf" (capacities in static tiers, :func:`chunked_select.capacity_tiers`),
@@ -50,20 +60,48 @@ from sae_jax.chunked_select import check_fast_config
 from sae_jax.chunked_select import select
 from sae_jax.chunked_select import supports
 
-__all__ = ["fast_train_step", "jit_fast_train_step", "aux_candidates", "usage_update",
-           "threshold_update",
+__all__ = ["fast_train_step", "jit_fast_train_step", "aux_candidates", "aux_form",
+           "AUX_FORMS", "DENSE_AUX_MIN_FRACTION", "usage_update", "threshold_update",
            "select", "Selection", "supports", "check_fast_config", "FAST_ALLOCATIONS",
            "DEFAULT_CHUNK_TOKENS"]
 
 
+AUX_FORMS = ("auto", "dense", "triples")
+# The auxiliary loss runs in the dense form when k_aux is at least this fraction of the
+# features. Cost model: the triple form does 4 * b * k_aux * d multiply-adds as gathered
+# and scattered d-rows (decode, its two backward products, encoder gradient), the dense
+# form 4 * b * f * d in matmuls, so the dense form wins above a fraction c_dense/c_triple
+# (cost per multiply-add). Measured on XLA:CPU (2 loaded cores, b=512, decode fwd+bwd
+# plus encoder gradient, dense vs triples): d=256: f=1024 38 vs 72 ms, f=2048 67 vs 59;
+# d=384: f=1536 83 vs 228, f=3072 152 vs 187, f=6144 293 vs 204; d=768: f=4096 624 vs
+# 1366, f=8192 928 vs 1052, f=12288 1185 vs 990, f=16384 1666 vs 1067. Break-even lies
+# near k_aux / f = 1/12 at d=256 (its decoder stays in cache, so gathers are cheap)
+# and 1/20-1/25 at d=384-768. 1/16 puts the default k_aux = d/2 in the dense form up to
+# f = 8 d; Gao et al.'s f = 32768, k_aux = 384 (1.2 %) stays in triples. The dense
+# blocks are one encoder chunk of tokens, so either form keeps peak memory at a few
+# [chunk, f] buffers, never [b, f].
+DENSE_AUX_MIN_FRACTION = 1 / 16
+
+
+def aux_form(num_features: int, k_aux: int) -> str:
+  """The static form of the auxiliary loss: "dense" or "triples" (see the module doc).
+
+  "dense" when ``k_aux >= DENSE_AUX_MIN_FRACTION * num_features``: e.g. d=384, f=1536,
+  k_aux=192 (12.5 %) is dense; d=768, f=32768, k_aux=384 (1.2 %) stays in triples.
+  """
+  return "dense" if k_aux >= DENSE_AUX_MIN_FRACTION * num_features else "triples"
+
+
 def _sparse_loss(dec: tuple[Array, Array], pre_N, aux_pre_N, x, sel: Selection,
                  aux_sel: Selection | None, aux_candidates, aux_weights, cfg: model.SAEConfig,
-                 tcfg: train.TrainConfig):
+                 tcfg: train.TrainConfig, aux_block_rows: int | None = None):
   """The training loss as a function of the decoder and of the selected pre-activations.
 
   The encoder enters only through ``pre_N`` and ``aux_pre_N`` (the pre-activations at
   the triples), so their gradients are the sparse score cotangents from which
-  :func:`sparse.encoder_grads` builds the encoder gradients.
+  :func:`sparse.encoder_grads` builds the encoder gradients. With ``aux_block_rows``
+  the auxiliary entries (``k_aux`` per token, row-major) are decoded in the dense form,
+  blocks of that many tokens.
   """
   W_dec, b_dec = dec
   b = x.shape[0]
@@ -81,7 +119,12 @@ def _sparse_loss(dec: tuple[Array, Array], pre_N, aux_pre_N, x, sel: Selection,
     scores_N = aux_pre_N if aux_weights is None else aux_pre_N * aux_weights[aux_sel.cols]
     aux_codes_N = jax.nn.relu(jnp.where(aux_candidates[aux_sel.cols], scores_N, -jnp.inf))
     residual_BxD = x - jax.lax.stop_gradient(recon_BxD)
-    residual_hat_BxD = sparse.sparse_decode(aux_codes_N, aux_sel.rows, aux_sel.cols, W_dec, b)
+    if aux_block_rows is None:
+      residual_hat_BxD = sparse.sparse_decode(aux_codes_N, aux_sel.rows, aux_sel.cols,
+                                              W_dec, b)
+    else:
+      residual_hat_BxD = sparse.row_block_decode(
+          aux_codes_N.reshape(b, -1), aux_sel.cols.reshape(b, -1), W_dec, aux_block_rows)
     squared_error, variance_sum = metrics.reconstruction_error_terms(residual_hat_BxD,
                                                                      residual_BxD)
     active = jnp.any(aux_candidates) & (variance_sum > 0)
@@ -122,11 +165,11 @@ def threshold_update(threshold: Float[Array, "f"], sel: Selection, codes: Float[
 
 
 def fast_train_step(state: train.TrainState, x: Float[Array, "b d"], cfg: model.SAEConfig,
-                    tcfg: train.TrainConfig, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
-                    ) -> tuple[train.TrainState, dict[str, Array]]:
+                    tcfg: train.TrainConfig, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                    aux_form: str = "auto") -> tuple[train.TrainState, dict[str, Array]]:
   """One optimisation step equal to ``train.train_step`` without dense ``[b, f]`` work.
 
-  Jit with ``static_argnames=("cfg", "tcfg", "chunk_tokens")`` (or use
+  Jit with ``static_argnames=("cfg", "tcfg", "chunk_tokens", "aux_form")`` (or use
   :data:`jit_fast_train_step`). Same state, same metrics as the reference step. With an
   auxiliary loss, a step on which no feature is a candidate (nothing dead for aux_k,
   nothing underutilised for aux_zipf) takes a ``lax.cond`` branch without the auxiliary
@@ -143,6 +186,8 @@ def fast_train_step(state: train.TrainState, x: Float[Array, "b d"], cfg: model.
     tcfg: optimisation settings.
     chunk_tokens: static maximum tokens per encoder chunk (peak memory holds one
       ``[chunk, f]`` block of pre-activations).
+    aux_form: static form of the auxiliary loss: "auto" (:func:`aux_form`'s rule),
+      "dense" or "triples" (same result up to float32 rounding; for tests and timing).
 
   Returns:
     ``(new_state, metrics)`` as :func:`sae_jax.train.train_step`.
@@ -150,14 +195,16 @@ def fast_train_step(state: train.TrainState, x: Float[Array, "b d"], cfg: model.
   Raises:
     ValueError: on an unsupported configuration or bad shapes.
   """
+  if aux_form not in AUX_FORMS:
+    raise ValueError(f"aux_form must be one of {AUX_FORMS}; got {aux_form!r}.")
   aux = aux_candidates(state.usage, cfg, tcfg)
   if aux is None:
-    return _step(state, x, None, cfg, tcfg, chunk_tokens)
+    return _step(state, x, None, cfg, tcfg, chunk_tokens, aux_form)
   candidates, weights = aux
   return jax.lax.cond(
       jnp.any(candidates),
-      lambda s, v: _step(s, v, (candidates, weights), cfg, tcfg, chunk_tokens),
-      lambda s, v: _step(s, v, None, cfg, tcfg, chunk_tokens),
+      lambda s, v: _step(s, v, (candidates, weights), cfg, tcfg, chunk_tokens, aux_form),
+      lambda s, v: _step(s, v, None, cfg, tcfg, chunk_tokens, aux_form),
       state, x)
 
 
@@ -179,14 +226,19 @@ def aux_candidates(usage: metrics.FeatureUsageState, cfg: model.SAEConfig,
 
 
 def _step(state: train.TrainState, x, aux, cfg: model.SAEConfig, tcfg: train.TrainConfig,
-          chunk_tokens: int):
+          chunk_tokens: int, form: str = "auto"):
   """The step with the auxiliary loss's ``(candidates, weights)``, or without it (None)."""
   b = x.shape[0]
   aux_cands = aux_weights = None
   k_aux = 0
+  block_rows = None
   if aux is not None:
     aux_cands, aux_weights = aux
     k_aux = min(tcfg.k_aux or losses.default_k_aux(cfg.d_model), cfg.d_sae)
+    if form == "auto":
+      form = aux_form(cfg.d_sae, k_aux)
+    if form == "dense":  # dense blocks of one encoder chunk of tokens
+      block_rows = check_fast_config(cfg, b, chunk_tokens)
   sel, aux_sel = select(state.params, x, cfg, chunk_tokens=chunk_tokens,
                         aux_candidates=aux_cands, aux_weights=aux_weights, k_aux=k_aux)
   p = state.params
@@ -195,12 +247,19 @@ def _step(state: train.TrainState, x, aux, cfg: model.SAEConfig, tcfg: train.Tra
   (loss, (codes_N, nmse, aux_loss)), (g_dec, g_pre, g_aux_pre) = jax.value_and_grad(
       _sparse_loss, argnums=(0, 1, 2), has_aux=True)(
           (p.W_dec, p.b_dec), sel.pre, aux_pre, x32, sel, aux_sel, aux_cands,
-          aux_weights, cfg, tcfg)
+          aux_weights, cfg, tcfg, block_rows)
   rows, cols, dpre = sel.rows, sel.cols, g_pre
-  if aux_sel is not None:  # one scatter for both losses; shared entries add up
+  if aux_sel is None:
+    dense_aux = {}
+  elif block_rows is None:  # one scatter for both losses; shared entries add up
+    dense_aux = {}
     rows, cols, dpre = (jnp.concatenate(a) for a in ((rows, aux_sel.rows),
                                                        (cols, aux_sel.cols), (dpre, g_aux_pre)))
-  dW_enc_FxD, db_enc, db_dec_enc = sparse.encoder_grads(x32, p.W_enc, p.b_dec, rows, cols, dpre)
+  else:  # dense per-chunk blocks of the auxiliary cotangent, the main triples folded in
+    dense_aux = {"row_cols": aux_sel.cols.reshape(b, k_aux),
+                 "row_dpre": g_aux_pre.reshape(b, k_aux), "block_rows": block_rows}
+  dW_enc_FxD, db_enc, db_dec_enc = sparse.encoder_grads(x32, p.W_enc, p.b_dec, rows, cols, dpre,
+                                                        **dense_aux)
   grads = sae_params.SAEParams(W_enc=dW_enc_FxD, b_enc=db_enc, W_dec=g_dec[0],
                                b_dec=g_dec[1] + db_dec_enc)
   new_params, opt_state, grad_norm = fused_adam.update(p, grads, state.opt_state, tcfg)
@@ -221,5 +280,6 @@ def _step(state: train.TrainState, x, aux, cfg: model.SAEConfig, tcfg: train.Tra
           step_metrics)
 
 
-jit_fast_train_step = jax.jit(fast_train_step, static_argnames=("cfg", "tcfg", "chunk_tokens"),
+jit_fast_train_step = jax.jit(fast_train_step,
+                              static_argnames=("cfg", "tcfg", "chunk_tokens", "aux_form"),
                               donate_argnames=("state",))

@@ -14,6 +14,14 @@ and the two linear maps of the SAE are written over it with ``jax.custom_vjp``:
   scatter of ``n`` outer-product rows into the selected columns. No ``[b, f]`` gradient
   is ever formed.
 
+When the entries are a fixed number per token (the auxiliary top-``k_aux`` of
+:mod:`sae_jax.fast_step`) and cover a sizeable fraction of the features, gathering and
+scattering one ``d``-row per entry costs more than dense matmuls of the same ``[b, f]``
+shape. :func:`row_block_decode` and the ``row_cols``/``row_dpre`` arguments of
+:func:`encoder_grads` take such entries as ``[b, k]`` arrays and work on dense
+``[block_rows, f]`` blocks of codes instead (one block of rows at a time, so peak memory
+holds one block, never the ``[b, f]`` matrix).
+
 Triples must be distinct. Padding entries (for selections of fewer than ``n`` entries)
 carry value 0 and any in-range indices: they add nothing forward, and their cotangent
 is zeroed by the caller's ``where`` before it reaches these kernels.
@@ -179,6 +187,145 @@ def sparse_decode(values: Float[Array, "n"], rows: Int[Array, "n"], cols: Int[Ar
   return _decode(values.astype(W_dec.dtype), rows, cols, W_dec, num_rows)
 
 
+def _check_row_entries(values_BxK, cols_BxK, block_rows) -> None:
+  """Validates ``[b, k]`` per-token entries and a ``block_rows`` that divides ``b``."""
+  if cols_BxK.ndim != 2 or not jnp.issubdtype(cols_BxK.dtype, jnp.integer):
+    raise ValueError(f"cols must be a 2-D integer array [b, k]; got {cols_BxK.dtype}"
+                     f"{list(cols_BxK.shape)}.")
+  if values_BxK.shape != cols_BxK.shape:
+    raise ValueError(f"values must have the shape {list(cols_BxK.shape)} of cols; got "
+                     f"{list(values_BxK.shape)}.")
+  b = cols_BxK.shape[0]
+  if (isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1
+      or b % block_rows):
+    raise ValueError(f"block_rows must be a static int >= 1 dividing the {b} rows; got "
+                     f"{block_rows!r}.")
+
+
+def _block_codes(values_RxK, cols_RxK, f: int, transposed: bool = False):
+  """The dense ``[r, f]`` block (``[f, r]`` when transposed) holding row i's ``k`` values
+  at columns ``cols[i]``, zeros elsewhere. Columns are distinct within a row."""
+  r = cols_RxK.shape[0]
+  rows_Rx1 = jnp.arange(r, dtype=cols_RxK.dtype)[:, None]
+  if transposed:
+    return jnp.zeros((f, r), values_RxK.dtype).at[cols_RxK, rows_Rx1].set(
+        values_RxK, unique_indices=True)
+  return jnp.zeros((r, f), values_RxK.dtype).at[rows_Rx1, cols_RxK].set(
+      values_RxK, unique_indices=True)
+
+
+def _by_blocks(a, nb: int):
+  return a.reshape((nb, a.shape[0] // nb) + a.shape[1:])
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _row_decode(values_BxK, cols_BxK, W_dec_FxD, block_rows):
+  return _row_decode_fwd(values_BxK, cols_BxK, W_dec_FxD, block_rows)[0]
+
+
+def _row_decode_fwd(values_BxK, cols_BxK, W_dec_FxD, block_rows):
+  b, _ = cols_BxK.shape
+  f, d = W_dec_FxD.shape
+  nb = b // block_rows
+  decode = lambda v, c: _block_codes(v, c, f) @ W_dec_FxD
+  if nb == 1:
+    out_BxD = decode(values_BxK, cols_BxK)
+  else:
+    out_BxD = jax.lax.map(lambda vc: decode(*vc), (_by_blocks(values_BxK, nb),
+                                                   _by_blocks(cols_BxK, nb))).reshape(b, d)
+  return out_BxD, (values_BxK, cols_BxK, W_dec_FxD)
+
+
+def _row_decode_bwd(block_rows, res, dout_BxD):
+  values_BxK, cols_BxK, W_dec_FxD = res
+  b, _ = cols_BxK.shape
+  f, _ = W_dec_FxD.shape
+  nb = b // block_rows
+
+  def block(v_RxK, c_RxK, g_RxD):
+    # Both products are plain (non-transposed) matmuls: the codes are scattered
+    # directly in the [f, r] layout that the decoder gradient needs.
+    dW_FxD = _block_codes(v_RxK, c_RxK, f, transposed=True) @ g_RxD
+    dv_RxK = jnp.take_along_axis(g_RxD @ W_dec_FxD.T, c_RxK, axis=1)
+    return dW_FxD, dv_RxK
+
+  if nb == 1:
+    dW_FxD, dv_BxK = block(values_BxK, cols_BxK, dout_BxD)
+  else:
+    v, c, g = (_by_blocks(a, nb) for a in (values_BxK, cols_BxK, dout_BxD))
+    dW_FxD, dv0 = block(v[0], c[0], g[0])
+
+    def body(dW, args):
+      dW_i, dv_i = block(*args)
+      return dW + dW_i, dv_i
+
+    dW_FxD, dv_rest = jax.lax.scan(body, dW_FxD, (v[1:], c[1:], g[1:]))
+    dv_BxK = jnp.concatenate([dv0[None], dv_rest]).reshape(values_BxK.shape)
+  return dv_BxK.astype(values_BxK.dtype), None, dW_FxD.astype(W_dec_FxD.dtype)
+
+
+_row_decode.defvjp(_row_decode_fwd, _row_decode_bwd)
+
+
+def row_block_decode(values: Float[Array, "b k"], cols: Int[Array, "b k"],
+                     W_dec: Float[Array, "f d"], block_rows: int) -> Float[Array, "b d"]:
+  """``codes @ W_dec`` for codes holding ``k`` values per token, as dense matmuls.
+
+  ``out[i] = sum_j values[i, j] * W_dec[cols[i, j]]``, the same as :func:`sparse_decode`
+  of the flattened entries, but computed block by block of ``block_rows`` tokens as a
+  dense ``[block_rows, f]`` code matrix times ``W_dec`` (``b * f * d`` multiply-adds in
+  matmuls instead of ``b * k * d`` in row gathers and scatters; the better choice when
+  ``k / f`` is a sizeable fraction). The backward pass is two more matmuls per block
+  (decoder gradient and code cotangent) and a gather of the ``[b, k]`` cotangents.
+  Peak memory holds one block's ``[block_rows, f]`` codes, not ``[b, f]``.
+
+  Args:
+    values: code values ``[b, k]``.
+    cols: feature of each value ``[b, k]``; distinct within a row.
+    W_dec: decoder ``[f, d]``.
+    block_rows: static number of tokens per dense block; divides ``b``.
+
+  Returns:
+    ``[b, d]`` in the dtype of ``W_dec``.
+
+  Raises:
+    ValueError: on mismatched shapes or a bad ``block_rows``.
+  """
+  _check_row_entries(values, cols, block_rows)
+  if W_dec.ndim != 2:
+    raise ValueError(f"W_dec must be [f, d]; got shape {list(W_dec.shape)}.")
+  return _row_decode(values.astype(W_dec.dtype), cols, W_dec, block_rows)
+
+
+def _row_encoder_grad(centred_BxD, cols_BxK, dpre_BxK, f: int, block_rows: int,
+                      rows_N=None, cols_N=None, dpre_N=None):
+  """``sum_blocks P^T @ centred`` with ``P`` the dense ``[block_rows, f]`` cotangent block.
+
+  The per-token cotangents ``dpre_BxK`` fill each block; the flat triples
+  ``(rows_N, cols_N, dpre_N)`` (any order, any rows) are added into the block that holds
+  their row, so the whole encoder gradient is one matmul per block.
+  """
+  b, d = centred_BxD.shape
+  nb = b // block_rows
+
+  def block(i, c_RxK, g_RxK, x_RxD):
+    pt_FxR = _block_codes(g_RxK, c_RxK, f, transposed=True)
+    if rows_N is not None:
+      local_N = rows_N - i * block_rows
+      inside_N = (local_N >= 0) & (local_N < block_rows)
+      # Out-of-block triples go to an out-of-range column and are dropped.
+      local_N = jnp.where(inside_N, local_N, block_rows)
+      pt_FxR = pt_FxR.at[cols_N, local_N].add(dpre_N.astype(pt_FxR.dtype), mode="drop")
+    return pt_FxR @ x_RxD
+
+  if nb == 1:
+    return block(0, cols_BxK, dpre_BxK, centred_BxD)
+  c, g, x = (_by_blocks(a, nb) for a in (cols_BxK, dpre_BxK, centred_BxD))
+  first = block(0, c[0], g[0], x[0])
+  return jax.lax.fori_loop(
+      1, nb, lambda i, acc: acc + block(i, c[i], g[i], x[i]), first)
+
+
 @jax.custom_vjp
 def _selected(pre_N, rows_N, cols_N, x_BxD, W_enc_DxF, b_enc_F, b_dec_D):
   del rows_N, cols_N, x_BxD, W_enc_DxF, b_enc_F, b_dec_D
@@ -191,13 +338,22 @@ def _selected_fwd(pre_N, rows_N, cols_N, x_BxD, W_enc_DxF, b_enc_F, b_dec_D):
 
 def encoder_grads(x: Float[Array, "b d"], W_enc: Float[Array, "d f"],
                   b_dec: Float[Array, "d"], rows: Int[Array, "n"], cols: Int[Array, "n"],
-                  dpre: Float[Array, "n"]) -> tuple[Array, Array, Array]:
+                  dpre: Float[Array, "n"], *, row_cols: Int[Array, "b k"] | None = None,
+                  row_dpre: Float[Array, "b k"] | None = None, block_rows: int | None = None
+                  ) -> tuple[Array, Array, Array]:
   """Encoder gradients for a pre-activation cotangent that is non-zero only at triples.
 
   With ``pre = (x - b_dec) @ W_enc + b_enc`` and ``dpre`` given at ``(rows, cols)``:
   ``dW_enc.T[c] += dpre * (x[r] - b_dec)`` (a scatter of ``n`` contiguous ``d``-rows),
   ``db_enc[c] += dpre`` and ``db_dec = -W_enc db_enc``. Pairs may repeat (e.g. a main
   and an auxiliary selection concatenated): their contributions add up.
+
+  ``row_cols``/``row_dpre`` (``[b, k]``, with a static ``block_rows`` dividing ``b``) add
+  a cotangent of ``k`` entries per token computed densely: per block of ``block_rows``
+  tokens the cotangent is scattered into a ``[f, block_rows]`` matrix, the triples of
+  those tokens are added into it, and ``dW_enc.T += P^T (x - b_dec)`` is one matmul.
+  The triples' row scatter is then skipped entirely (see :func:`row_block_decode` for
+  when this pays).
 
   Returns:
     ``(dW_enc_FxD, db_enc, db_dec)``; the weight gradient in the transposed ``[f, d]``
@@ -207,8 +363,20 @@ def encoder_grads(x: Float[Array, "b d"], W_enc: Float[Array, "d f"],
   _check_triples(rows, cols, dpre)
   d, f = W_enc.shape
   centred_BxD = (x - b_dec).astype(W_enc.dtype)
-  dW_FxD = _scatter_rows(f, cols, dpre, centred_BxD, rows)
-  db_enc_F = jnp.zeros((f,), W_enc.dtype).at[cols].add(dpre)
+  if row_cols is None and row_dpre is None:
+    dW_FxD = _scatter_rows(f, cols, dpre, centred_BxD, rows)
+    db_enc_F = jnp.zeros((f,), W_enc.dtype).at[cols].add(dpre)
+  else:
+    if row_cols is None or row_dpre is None or block_rows is None:
+      raise ValueError("row_cols, row_dpre and block_rows go together.")
+    _check_row_entries(row_dpre, row_cols, block_rows)
+    if row_cols.shape[0] != x.shape[0]:
+      raise ValueError(f"row_cols must have the {x.shape[0]} rows of x; got "
+                       f"{list(row_cols.shape)}.")
+    dW_FxD = _row_encoder_grad(centred_BxD, row_cols, row_dpre.astype(W_enc.dtype), f,
+                               block_rows, rows, cols, dpre)
+    db_enc_F = jnp.zeros((f,), W_enc.dtype).at[cols].add(dpre).at[row_cols.reshape(-1)].add(
+        row_dpre.reshape(-1).astype(W_enc.dtype))
   # pre = (x - b_dec) W_enc + b_enc, so sum_b dpre[b] W_enc^T = W_enc db_enc.
   db_dec_D = -(W_enc @ db_enc_F).astype(b_dec.dtype)
   return dW_FxD, db_enc_F, db_dec_D

@@ -34,6 +34,8 @@ def _configs(allocation, aux="none", weighted=False, k=K, **extra):
 
 _REF = jax.jit(train.train_step, static_argnames=("cfg", "tcfg"))
 _FAST = jax.jit(fast_step.fast_train_step, static_argnames=("cfg", "tcfg", "chunk_tokens"))
+_FAST_FORM = jax.jit(fast_step.fast_train_step,
+                     static_argnames=("cfg", "tcfg", "chunk_tokens", "aux_form"))
 
 
 @partial(jax.jit, static_argnames="cfg")
@@ -201,6 +203,96 @@ class FastStepMatchesReferenceTest(parameterized.TestCase):
     # 4 * k >= f: only the exact chunked search applies.
     cfg, tcfg = _configs("mutual_choice", k=40)
     _run_both(self, cfg, tcfg, _batches(1, seed=8))
+
+
+def _with_dead_features(state):
+  """Every third feature dead from the start, so aux_k's loss and gradient are live."""
+  return state._replace(usage=state.usage._replace(
+      tokens_since_fired=jnp.where(jnp.arange(F) % 3 == 0, 10 * B, 0).astype(jnp.int32)))
+
+
+class AuxFormTest(parameterized.TestCase):
+  """The dense and the triple form of the auxiliary loss, each against the reference."""
+
+  @parameterized.product(
+      allocation=("topk", "mutual_choice", "feature_choice", "feature_choice_zipf"),
+      aux=("aux_k", "aux_zipf"))
+  def test_each_form_matches_reference(self, allocation, aux):
+    weighted = aux == "aux_zipf" and allocation in ("mutual_choice", "feature_choice_zipf")
+    cfg, tcfg = _configs(allocation, aux, weighted)
+    xs = _batches(2, seed=21)
+    state = train.init_train_state(jax.random.key(0), cfg, tcfg, xs[0])
+    if aux == "aux_k":
+      state = _with_dead_features(state)
+    # k_aux = 8 of 128 features: the rule's boundary; both forms are forced here. The
+    # dense form runs in blocks of one chunk (4 blocks) and, for TopK, of the batch.
+    forms = [("triples", CHUNK), ("dense", CHUNK)]
+    if allocation == "topk":
+      forms.append(("dense", B))
+    ref, fast = state, {form: state for form in forms}
+    for i, x in enumerate(xs):
+      ref, ref_metrics = _REF(ref, x, cfg=cfg, tcfg=tcfg)
+      if i == 0:  # the auxiliary term (and its gradient) is live, not a trivial zero
+        self.assertGreater(float(ref_metrics["aux_loss"]), 0.0)
+      for (form, chunk), s in fast.items():
+        fast[form, chunk], m = _FAST_FORM(s, x, cfg=cfg, tcfg=tcfg, chunk_tokens=chunk,
+                                          aux_form=form)
+        chex.assert_trees_all_close(m, ref_metrics, rtol=1e-5, atol=1e-6)
+    # Parameters, Adam state, usage and threshold after two steps. A feature that only
+    # the auxiliary loss reaches (here Feature Choice Zipf's zero-capacity features once
+    # they count as dead) can have a gradient of ~1e-9, a sum of cancelling terms whose
+    # float32 rounding differs by ~1 % between summation orders (both forms against the
+    # reference); Adam's first steps (about g / (|g| + eps), eps = 6.25e-10) turn that
+    # into ~3e-6 of such a weight, against updates of lr = 3e-3 everywhere else.
+    for s in fast.values():
+      chex.assert_trees_all_close(s, ref, rtol=1e-5, atol=1e-5)
+
+  def test_rule(self):
+    self.assertEqual(fast_step.aux_form(32768, 384), "triples")  # Gao et al.: 1.2 %
+    self.assertEqual(fast_step.aux_form(16384, 384), "triples")
+    self.assertEqual(fast_step.aux_form(1536, 192), "dense")  # d=384, F=4d: 12.5 %
+    self.assertEqual(fast_step.aux_form(1024, 128), "dense")
+    self.assertEqual(fast_step.aux_form(2048, 128), "dense")  # exactly the 1/16 boundary
+    self.assertEqual(fast_step.aux_form(2049, 128), "triples")
+    cfg, tcfg = _configs("topk", "aux_k")
+    state = train.init_train_state(jax.random.key(0), cfg, tcfg)
+    with self.assertRaisesRegex(ValueError, "aux_form must be one of"):
+      fast_step.fast_train_step(state, _batches(1)[0], cfg, tcfg, aux_form="sparse")
+
+  def _trace(self, b, d, f, form="auto"):
+    """The step's jaxpr (traced on shapes only: nothing is allocated or compiled) and
+    the ``[b, k_aux]`` shapes handed to the dense auxiliary decoder while tracing."""
+    cfg = model.SAEConfig(d_model=d, d_sae=f, allocation="topk", k=32)
+    tcfg = train.TrainConfig(aux_loss="aux_k")
+    state = jax.eval_shape(lambda: train.init_train_state(jax.random.key(0), cfg, tcfg))
+    x = jax.ShapeDtypeStruct((b, d), jnp.float32)
+    calls, real = [], sparse.row_block_decode
+
+    def spy(values, cols, W_dec, block_rows):
+      calls.append((values.shape, block_rows))
+      return real(values, cols, W_dec, block_rows)
+
+    with absltest.mock.patch.object(sparse, "row_block_decode", spy):
+      jaxpr = jax.make_jaxpr(partial(fast_step.fast_train_step, cfg=cfg, tcfg=tcfg,
+                                     aux_form=form))(state, x)
+    return calls, str(jaxpr)
+
+  def test_big_shape_uses_triples_and_no_dense_batch_buffer(self):
+    # B=4096, d=768, F=32768: k_aux = 384 is 1.2 % of the features.
+    calls, jaxpr = self._trace(4096, 768, 32768)
+    self.assertEqual(calls, [])  # triple form: the dense decoder is never traced
+    for shape in ("[4096,32768]", "[32768,4096]"):
+      self.assertNotIn(shape, jaxpr)
+    # Even the dense form, forced, holds one [chunk, f] block at a time, never [b, f].
+    calls, jaxpr = self._trace(4096, 768, 32768, form="dense")
+    self.assertEqual(calls, [((4096, 384), 512)])
+    self.assertIn("[512,32768]", jaxpr)
+    for shape in ("[4096,32768]", "[32768,4096]"):
+      self.assertNotIn(shape, jaxpr)
+
+  def test_small_shape_uses_dense_form(self):
+    calls, _ = self._trace(512, 384, 1536)  # k_aux = 192 is 12.5 % of the features
+    self.assertEqual(calls, [((512, 192), 512)])
 
 
 class CapacityTiersTest(parameterized.TestCase):

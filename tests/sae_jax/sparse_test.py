@@ -97,6 +97,73 @@ class SparseDecodeTest(chex.TestCase):
       sparse.sparse_decode(values, rows, cols, W_dec[0], B)
 
 
+class RowBlockDecodeTest(parameterized.TestCase):
+  """The dense per-block form against the flat-triple kernels and the dense formula."""
+
+  def _entries(self, seed, per_row=3):
+    rows, cols, values, x, W_enc, _, W_dec, b_dec = _triples(seed, per_row)
+    return (rows, cols, values, cols.reshape(B, per_row), values.reshape(B, per_row), x,
+            W_enc, W_dec, b_dec)
+
+  @parameterized.parameters(B, 3, 2, 1)  # one block of all rows, then several blocks
+  def test_decode_and_gradients_match_triples_and_dense(self, block_rows):
+    rows, cols, values, cols_BxK, values_BxK, _, _, W_dec, _ = self._entries(11)
+    target = jnp.asarray(np.random.default_rng(2).normal(size=(B, D)), jnp.float32)
+    loss = lambda decode: (lambda v, w: jnp.sum(jnp.sin(decode(v, w) - target)))
+    rowwise = jax.jit(lambda v, w: sparse.row_block_decode(v, cols_BxK, w, block_rows))
+    got = rowwise(values_BxK, W_dec)
+    chex.assert_trees_all_close(got, _dense_codes(values, rows, cols) @ W_dec,
+                                rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(got, sparse.sparse_decode(values, rows, cols, W_dec, B),
+                                rtol=1e-5, atol=1e-6)
+    g_rows = jax.jit(jax.grad(loss(rowwise), argnums=(0, 1)))(values_BxK, W_dec)
+    g_trip = jax.grad(loss(lambda v, w: sparse.sparse_decode(v.reshape(-1), rows, cols, w, B)),
+                      argnums=(0, 1))(values_BxK, W_dec)
+    g_dense = jax.grad(loss(lambda v, w: _dense_codes(v.reshape(-1), rows, cols) @ w),
+                       argnums=(0, 1))(values_BxK, W_dec)
+    chex.assert_trees_all_close(g_rows, g_trip, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(g_rows, g_dense, rtol=1e-5, atol=1e-6)
+
+  @parameterized.parameters(B, 2)
+  def test_encoder_grads_dense_rows_with_triples_folded_in(self, block_rows):
+    # The main triples (rows in any order) overlap the per-token entries in a few
+    # pairs; all contributions add up, as for concatenated triples.
+    rows, cols, _, cols_BxK, _, x, W_enc, _, b_dec = self._entries(12)
+    perm = np.random.default_rng(4).permutation(rows.shape[0])[:7]
+    main_rows, main_cols = rows[perm], cols[perm]
+    main_dpre = jax.random.normal(jax.random.key(2), main_rows.shape)
+    row_dpre = jax.random.normal(jax.random.key(3), cols_BxK.shape)
+    got = jax.jit(lambda *a: sparse.encoder_grads(
+        *a, row_cols=cols_BxK, row_dpre=row_dpre, block_rows=block_rows))(
+            x, W_enc, b_dec, main_rows, main_cols, main_dpre)
+    want = sparse.encoder_grads(x, W_enc, b_dec, jnp.concatenate([main_rows, rows]),
+                                jnp.concatenate([main_cols, cols]),
+                                jnp.concatenate([main_dpre, row_dpre.reshape(-1)]))
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+    dense_cot = (jnp.zeros((B, F)).at[main_rows, main_cols].add(main_dpre)
+                 .at[rows, cols].add(row_dpre.reshape(-1)))
+    _, vjp = jax.vjp(lambda w, be, bd: (x - bd) @ w + be, W_enc, jnp.zeros((F,)), b_dec)
+    want_w, want_be, want_bd = vjp(dense_cot)
+    chex.assert_trees_all_close((got[0].T, got[1], got[2]), (want_w, want_be, want_bd),
+                                rtol=1e-5, atol=1e-6)
+
+  def test_bad_arguments(self):
+    rows, cols, values, cols_BxK, values_BxK, x, W_enc, W_dec, b_dec = self._entries(13)
+    with self.assertRaisesRegex(ValueError, "cols must be a 2-D integer array"):
+      sparse.row_block_decode(values, cols, W_dec, B)
+    with self.assertRaisesRegex(ValueError, "values must have the shape"):
+      sparse.row_block_decode(values_BxK[:, :2], cols_BxK, W_dec, B)
+    with self.assertRaisesRegex(ValueError, "block_rows must be a static int"):
+      sparse.row_block_decode(values_BxK, cols_BxK, W_dec, 4)  # does not divide 6
+    with self.assertRaisesRegex(ValueError, "W_dec must be"):
+      sparse.row_block_decode(values_BxK, cols_BxK, W_dec[0], B)
+    with self.assertRaisesRegex(ValueError, "go together"):
+      sparse.encoder_grads(x, W_enc, b_dec, rows, cols, values, row_cols=cols_BxK)
+    with self.assertRaisesRegex(ValueError, "rows of x"):
+      sparse.encoder_grads(x, W_enc, b_dec, rows, cols, values, row_cols=cols_BxK[:3],
+                           row_dpre=values_BxK[:3], block_rows=3)
+
+
 class SelectedPreTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
