@@ -7,7 +7,6 @@ References:
 """
 
 from pruning_jax import ap
-from pruning_jax import checkpoint
 from pruning_jax import datasets
 from pruning_jax import distributions
 from pruning_jax import dnr

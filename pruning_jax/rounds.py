@@ -31,7 +31,6 @@ import optax
 from tqdm import tqdm
 
 from pruning_jax import ap
-from pruning_jax import checkpoint as ckpt_lib
 from pruning_jax import datasets
 from pruning_jax import imp
 from pruning_jax import masks as masks_lib
@@ -40,6 +39,7 @@ from pruning_jax import optim
 from pruning_jax import pipeline
 from pruning_jax import scoring
 from pruning_jax import train as train_lib
+import runkit
 
 # Settings round 0 does not depend on (runs may share it), and those a resume may change.
 _ROUND0_FREE = ("method", "ap_rate", "ap_selection", "ap_scope", "synflow_iterations",
@@ -52,7 +52,7 @@ _INTS = (("cycles", 0), ("seed", 0), ("train_subset", 0), ("test_subset", 0),
 AP_SCOPES = ("all", "relu_fed")
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(runkit.NonFiniteError):
   """A loss was NaN or infinite; the message names round, step and last good checkpoint."""
 
 
@@ -189,7 +189,7 @@ class _Run:
 
   def __init__(self, config: RoundsConfig, out_dir: str, data, hooks, progress: bool):
     self.config, self.out_dir, self.hooks, self.progress = config, out_dir, hooks, progress
-    self.metrics = ckpt_lib.MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
+    self.metrics = runkit.MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
     self.ds = ds = _prepare_data(config, data)
     self.iterator = pipeline.EpochIterator(ds.train_images, ds.train_labels,
                                            config.train.batch_size, seed=config.seed)
@@ -227,8 +227,9 @@ class _Run:
                  "start_params": _copy(self.state.params)}
     self.history: list[ap.CycleInfo] = []
     # The end of round 0 (step `total`) stays for runs sharing it (`round0_from`).
-    self.ckpt = ckpt_lib.Checkpointer(os.path.join(out_dir, "checkpoints"),
-                                      config.keep_checkpoints, preserve=(self.total,))
+    self.ckpt = runkit.Checkpointer(os.path.join(out_dir, "checkpoints"),
+                                    config.keep_checkpoints, preserve=(self.total,),
+                                    digest=True)
 
   def fresh_state(self, params, batch_stats, masks, step: int) -> train_lib.TrainState:
     key = jax.random.fold_in(jax.random.key(self.config.seed), self.round)
@@ -247,7 +248,7 @@ class _Run:
   def save(self) -> None:
     self.ckpt.save(self.global_step, self.record(), self.meta())
 
-  def load(self, checkpointer: ckpt_lib.Checkpointer, step: int | None = None
+  def load(self, checkpointer: runkit.Checkpointer, step: int | None = None
            ) -> dict[str, Any]:
     restored, meta = checkpointer.restore(self.record(), step)
     self.state = jax.device_put(restored.pop("state"), train_lib.replicated(self.mesh))
@@ -378,18 +379,19 @@ class _Run:
 
   def adopt_round0(self, source_dir: str) -> None:
     """Starts from the trained round 0 of a run differing only in pruning."""
-    diff = ckpt_lib.config_diff(ckpt_lib.read_config(source_dir), self.config.to_dict(),
-                                _ROUND0_FREE)
+    diff = runkit.config_differences(runkit.read_config(source_dir), self.config.to_dict(),
+                                     _ROUND0_FREE)
     if diff:
       raise ValueError(f"round0_from={source_dir!r} was trained with other settings "
-                       f"(differs in {diff}); only {list(_ROUND0_FREE)} may differ.")
-    source = ckpt_lib.Checkpointer(os.path.join(source_dir, "checkpoints"))
+                       f"(differs in {[d.path for d in diff]}: "
+                       f"{'; '.join(map(str, diff))}); only {list(_ROUND0_FREE)} may differ.")
+    source = runkit.Checkpointer(os.path.join(source_dir, "checkpoints"), digest=True)
     if self.total not in source.steps():
       raise ValueError(f"round0_from={source_dir!r} has not finished round 0 (no "
                        f"checkpoint {self.total}).")
     meta = self.load(source, self.total)
     source.close()
-    self.metrics.replace(ckpt_lib.MetricsLog(os.path.join(source_dir, "metrics.jsonl"))
+    self.metrics.replace(runkit.MetricsLog(os.path.join(source_dir, "metrics.jsonl"))
                          .text(meta["metrics_bytes"]))
 
 
@@ -414,8 +416,9 @@ def run_rounds(config: RoundsConfig, out_dir: str | os.PathLike, *,
 
   Raises:
     NonFiniteLossError: a loss was NaN or infinite (checkpoints stay as they were).
-    pruning_jax.checkpoint.CheckpointError: the newest checkpoint is unreadable.
-    ValueError: bad settings, or out_dir holds a run with other settings.
+    runkit.CheckpointError: the newest checkpoint is unreadable.
+    runkit.ConfigMismatchError: out_dir holds a run with other settings (a ValueError).
+    ValueError: bad settings.
 
   References:
     Frankle & Carbin, 2019, arXiv 1803.03635 (IMP, rewinding to initialisation);
@@ -424,7 +427,7 @@ def run_rounds(config: RoundsConfig, out_dir: str | os.PathLike, *,
   """
   out_dir = os.path.abspath(os.fspath(out_dir))
   os.makedirs(out_dir, exist_ok=True)
-  ckpt_lib.write_config(out_dir, config.to_dict(), _RESUME_FREE)
+  runkit.write_config(out_dir, config.to_dict(), _RESUME_FREE)
   run = _Run(config, out_dir, data, tuple(hooks), progress)
   resumed_from = run.ckpt.latest_step()
   if resumed_from is not None:

@@ -26,6 +26,7 @@ from pruning_jax import dnr as dnr_lib
 from pruning_jax import masks as masks_lib
 from pruning_jax import optim
 from pruning_jax import pipeline
+import runkit
 
 OPTIMIZERS = ("sgd", "adam")
 DATA = "data"
@@ -383,13 +384,14 @@ def recalibrate_batch_stats(stats_fn, params: PyTree, batch_stats: PyTree,
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
-  """A 1-D ("data",) mesh over the first `num_devices` devices (all by default)."""
-  devices = jax.devices()
-  n = len(devices) if num_devices is None else num_devices
-  if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(devices):
-    raise ValueError(f"num_devices must be an int in [1, {len(devices)}] (the available "
-                     f"devices), got {num_devices!r}.")
-  return Mesh(np.array(devices[:n]), (DATA,))
+  """A 1-D ("data",) mesh over the first `num_devices` devices (all by default).
+
+  Built by `runkit.make_mesh`.
+
+  Raises:
+    ValueError: `num_devices` is not an int in [1, number of devices].
+  """
+  return runkit.make_mesh({DATA: num_devices}, labels={DATA: "num_devices"})
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

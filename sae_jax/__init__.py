@@ -8,7 +8,6 @@ References:
 """
 
 from sae_jax import allocation
-from sae_jax import checkpoint
 from sae_jax import distributed
 from sae_jax import evaluate
 from sae_jax import export

@@ -13,10 +13,10 @@ from __future__ import annotations
 import functools
 
 import jax
-import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import runkit
 from sae_jax import fast_step
 from sae_jax import metrics
 from sae_jax import model
@@ -30,18 +30,18 @@ MODEL = "model"
 def make_mesh(n_data: int | None = None, n_model: int = 1, devices=None) -> Mesh:
   """A ("data", "model") mesh with Auto axes over ``n_data * n_model`` devices.
 
-  ``n_data=None`` uses every remaining device for data parallelism.
+  ``n_data=None`` uses every remaining device for data parallelism. Built by
+  ``runkit.make_mesh``.
+
+  Raises:
+    ValueError: ``n_model`` does not divide the device count, or the sizes need more
+      devices than there are.
   """
   devices = list(jax.devices() if devices is None else devices)
-  if n_model < 1 or len(devices) % n_model:
+  if isinstance(n_model, int) and n_model >= 1 and len(devices) % n_model:
     raise ValueError(f"n_model must divide the {len(devices)} devices; got {n_model}.")
-  if n_data is None:
-    n_data = len(devices) // n_model
-  if n_data < 1 or n_data * n_model > len(devices):
-    raise ValueError(f"n_data * n_model = {n_data} * {n_model} exceeds the {len(devices)} "
-                     "available devices.")
-  grid = np.array(devices[:n_data * n_model]).reshape(n_data, n_model)
-  return Mesh(grid, (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto))
+  return runkit.make_mesh({DATA: n_data, MODEL: n_model}, devices,
+                          labels={DATA: "n_data", MODEL: "n_model"})
 
 
 def param_specs() -> sae_params.SAEParams:

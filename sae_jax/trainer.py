@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import os
 import pathlib
 import queue
@@ -46,16 +45,16 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from sae_jax import checkpoint
+import runkit
 from sae_jax import model
 from sae_jax import sharding
 from sae_jax import train
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = runkit.CONFIG_FILE
 METRICS_FILE = "metrics.jsonl"
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(runkit.NonFiniteError):
   """Training met a NaN or infinity in a batch or in the loss."""
 
 
@@ -227,46 +226,21 @@ def _watch_update(watch: _FiniteWatch, step_metrics: dict, step) -> _FiniteWatch
       bad_loss=jnp.where(first, step_metrics["loss"].astype(jnp.float32), watch.bad_loss))
 
 
-def _trim_metrics(path: pathlib.Path, last_step: int) -> None:
-  """Drops metric lines written after the checkpoint a run resumes from."""
-  if not path.exists():
-    return
-  kept = [line for line in path.read_text().splitlines()
-          if line.strip() and json.loads(line).get("step", 0) <= last_step]
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text("".join(line + "\n" for line in kept))
-  os.replace(tmp, path)
-
-
-def _check_run_folder(run_dir: pathlib.Path, configs: dict, has_checkpoint: bool) -> None:
+def _check_run_folder(run_dir: pathlib.Path, configs: dict, metrics: runkit.MetricsLog,
+                      has_checkpoint: bool) -> None:
   """Refuses a run folder that another configuration wrote (or may have written).
 
   Raises:
-    checkpoint.ConfigMismatchError: ``config.json`` differs from ``configs``.
+    runkit.ConfigMismatchError: ``config.json`` differs from ``configs``.
     ValueError: the folder holds metrics but neither a checkpoint nor ``config.json``.
   """
-  path = run_dir / CONFIG_FILE
-  if path.exists():
-    differences = checkpoint.config_differences(json.loads(path.read_text()), configs)
-    if differences:
-      raise checkpoint.ConfigMismatchError(
-          f"run folder {run_dir} was written with configs that differ from this run's: "
-          f"{'; '.join(differences)}. Use another run folder, or the same configs to "
-          "continue this one.")
+  if runkit.check_config(run_dir, configs):
     return
-  metrics_path = run_dir / METRICS_FILE
-  if not has_checkpoint and metrics_path.exists() and metrics_path.stat().st_size > 0:
+  if not has_checkpoint and metrics.size() > 0:
     raise ValueError(
         f"run folder {run_dir} holds {METRICS_FILE} but neither a checkpoint nor "
         f"{CONFIG_FILE}, so the configs that wrote it are unknown. Use another run folder, "
         f"or delete its {METRICS_FILE} to start over in it.")
-
-
-def _write_configs(run_dir: pathlib.Path, configs: dict) -> None:
-  path = run_dir / CONFIG_FILE
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(configs, indent=2, sort_keys=True) + "\n")
-  os.replace(tmp, path)  # a crash never leaves half a file that would refuse the folder
 
 
 def fit(run_dir: str | os.PathLike, cfg: model.SAEConfig, tcfg: train.TrainConfig,
@@ -287,19 +261,21 @@ def fit(run_dir: str | os.PathLike, cfg: model.SAEConfig, tcfg: train.TrainConfi
     The final train state and a summary dict of the last metrics.
 
   Raises:
-    checkpoint.ConfigMismatchError: ``run_dir`` was written with other configs.
-    checkpoint.CheckpointError: its latest checkpoint cannot be read.
+    runkit.ConfigMismatchError: ``run_dir`` was written with other configs.
+    runkit.CheckpointError: its latest checkpoint cannot be read.
     NonFiniteError: a batch or the loss held a NaN or infinity.
   """
   run_dir = pathlib.Path(run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
-  configs = checkpoint.config_record(cfg, tcfg)
+  configs = runkit.config_record(cfg, tcfg)
+  metrics_log = runkit.MetricsLog(run_dir / METRICS_FILE)
   with contextlib.ExitStack() as cleanup:
-    ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", keep=rcfg.keep)
+    # Asynchronous saves let training go on while the files are written.
+    ckpt = runkit.Checkpointer(run_dir / "checkpoints", keep=rcfg.keep, asynchronous=True)
     # Pending asynchronous saves finish even when training stops with an error.
     cleanup.callback(ckpt.close)
     latest = ckpt.latest_step()
-    _check_run_folder(run_dir, configs, latest is not None)
+    _check_run_folder(run_dir, configs, metrics_log, latest is not None)
     mesh = sharding.make_mesh(rcfg.n_data, rcfg.n_model)
     key = jax.random.key(rcfg.seed)
     if latest is None:
@@ -307,22 +283,21 @@ def fit(run_dir: str | os.PathLike, cfg: model.SAEConfig, tcfg: train.TrainConfi
       state = sharding.init_sharded_state(key, cfg, tcfg, mesh, sample)
     else:
       if jax.process_index() == 0:
-        print(f"resuming {run_dir} from step {latest} "
-              f"(checkpoint {ckpt.directory / str(latest)})", flush=True)
+        print(f"resuming {run_dir} from step {latest} (checkpoint {ckpt.path(latest)})",
+              flush=True)
       abstract = jax.eval_shape(
           lambda: train.init_train_state(key, cfg, tcfg, None if init_sample is None
                                          else np.zeros(np.shape(init_sample), np.float32)))
       shardings = sharding.state_shardings(abstract, mesh)
       target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
-      state, meta = ckpt.restore(latest, target, expected_configs=configs)
+      state, meta = ckpt.restore(target, latest, expected_configs=configs)
       batches.restore(meta["data"])
     start = int(state.step)
-    metrics_path = run_dir / METRICS_FILE
     if jax.process_index() == 0:
-      if not (run_dir / CONFIG_FILE).exists():
-        _write_configs(run_dir, configs)
-      _trim_metrics(metrics_path, start)
+      runkit.write_config(run_dir, configs)
+      # Lines logged after the checkpoint resumed from are logged again.
+      metrics_log.drop_after(start)
     step_fn = sharding.jit_sharded_step(cfg, tcfg, mesh, jax.eval_shape(lambda: state))
     batch_sharding = sharding.batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
@@ -334,7 +309,6 @@ def fit(run_dir: str | os.PathLike, cfg: model.SAEConfig, tcfg: train.TrainConfi
                disable=not rcfg.progress or jax.process_index() != 0,
                unit="step", dynamic_ncols=True)
     cleanup.callback(bar.close)
-    log = cleanup.enter_context(open(metrics_path, "a"))
     # Each process contributes its own rows of the global batch.
     place = lambda x: jax.make_array_from_process_local_data(batch_sharding, x)
     prefetcher = cleanup.enter_context(
@@ -359,8 +333,7 @@ def fit(run_dir: str | os.PathLike, cfg: model.SAEConfig, tcfg: train.TrainConfi
         summary.update(step=done, tokens_per_s=tokens_since / max(now - t_last, 1e-9))
         t_last, tokens_since = now, 0
         if jax.process_index() == 0:
-          log.write(json.dumps(summary) + "\n")
-          log.flush()
+          metrics_log.append(summary)
         bar.set_postfix(tok_s=f"{summary['tokens_per_s']:.0f}",
                         loss=f"{summary['loss']:.4f}", l0=f"{summary['l0']:.1f}",
                         dead=f"{summary['dead_fraction']:.3f}")
@@ -382,7 +355,7 @@ def _host_values(tree):
   return jax.tree.map(lambda x: np.asarray(x).item(), jax.device_get(local))
 
 
-def _non_finite_message(watch: _FiniteWatch, done: int, ckpt: checkpoint.Checkpointer,
+def _non_finite_message(watch: _FiniteWatch, done: int, ckpt: runkit.Checkpointer,
                         last_saved: int | None) -> str:
   what = (f"batch for step {watch.first_bad} holds non-finite values" if watch.bad_batch
           else f"loss became {watch.bad_loss} at step {watch.first_bad}")
@@ -390,5 +363,5 @@ def _non_finite_message(watch: _FiniteWatch, done: int, ckpt: checkpoint.Checkpo
           f"Last good checkpoint: {_ckpt_name(ckpt, last_saved)} (not overwritten).")
 
 
-def _ckpt_name(ckpt: checkpoint.Checkpointer, step: int | None) -> str:
-  return "none (no checkpoint written yet)" if step is None else str(ckpt.directory / str(step))
+def _ckpt_name(ckpt: runkit.Checkpointer, step: int | None) -> str:
+  return "none (no checkpoint written yet)" if step is None else str(ckpt.path(step))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from absl.testing import absltest
 
-from sae_jax import checkpoint
+import runkit
 from sae_jax import model
 from sae_jax import sharding
 from sae_jax import train
@@ -123,7 +123,7 @@ class FailureTest(absltest.TestCase):
     with self.assertRaisesRegex(trainer.NonFiniteError, r"step 3 .*checkpoints/2"):
       trainer.fit(run, cfg, tcfg, rcfg, _NaNAt(data, 4))
     # The checkpoint written before the failure is intact and resumable.
-    self.assertEqual(checkpoint.Checkpointer(os.path.join(run, "checkpoints")).latest_step(), 2)
+    self.assertEqual(runkit.Checkpointer(os.path.join(run, "checkpoints")).latest_step(), 2)
     state, _ = trainer.fit(run, cfg, tcfg, rcfg, data)
     self.assertEqual(int(state.step), 4)
 
@@ -133,12 +133,11 @@ class FailureTest(absltest.TestCase):
     trainer.fit(run, cfg, tcfg, dataclass_replace(rcfg, steps=2), data)
     before = _folder_bytes(run)
     other = model.SAEConfig(d_model=8, d_sae=32, allocation="topk", k=2)
-    # A ValueError for callers checking arguments, a CheckpointError for older callers.
-    for error in (ValueError, checkpoint.CheckpointError):
-      with self.assertRaisesRegex(
-          error, r"differ from this run.*SAEConfig\.d_sae: 16 there, 32 now.*another run "
-          "folder, or the same configs"):
-        trainer.fit(run, other, tcfg, rcfg, data)
+    # A ValueError and a CheckpointError (tests/runkit/configs_test.py).
+    with self.assertRaisesRegex(
+        runkit.ConfigMismatchError, r"differ from this run.*SAEConfig\.d_sae: 16 there, 32 "
+        "now.*another run folder, or the same configs"):
+      trainer.fit(run, other, tcfg, rcfg, data)
     self.assertEqual(_folder_bytes(run), before)  # refused before any work
 
   def test_corrupted_checkpoint_is_reported_with_its_path(self):
@@ -148,7 +147,7 @@ class FailureTest(absltest.TestCase):
     for f in (run / "checkpoints" / "2").rglob("*"):
       if f.is_file() and "state" in str(f):
         f.write_bytes(b"garbage")
-    with self.assertRaisesRegex(checkpoint.CheckpointError, "checkpoints/2"):
+    with self.assertRaisesRegex(runkit.CheckpointError, "checkpoints/2"):
       trainer.fit(run, cfg, tcfg, rcfg, data)
 
 
@@ -269,10 +268,10 @@ def test_non_finite_step_stops_within_a_check_and_keeps_the_last_good_checkpoint
     trainer.fit(run, cfg, tcfg, rcfg, corrupt(data, 6), on_step=ran.append)
   assert max(ran) <= 5 + min(log_every, checkpoint_every)
   assert not _prefetch_threads()
-  ckpt = checkpoint.Checkpointer(run / "checkpoints")
+  ckpt = runkit.Checkpointer(run / "checkpoints")
   # Nothing saved after the bad step 5; the good checkpoints are still there.
-  assert ckpt.all_steps() == list(range(checkpoint_every, 5, checkpoint_every))
-  restored, meta = ckpt.restore(4, _restore_target(cfg, tcfg))
+  assert ckpt.steps() == list(range(checkpoint_every, 5, checkpoint_every))
+  restored, meta = ckpt.restore(_restore_target(cfg, tcfg), 4)
   ckpt.close()
   assert int(restored.step) == 4 and meta["data"] == {"index": 4}
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
@@ -321,7 +320,7 @@ def test_batch_source_error_surfaces_in_the_caller(tmp_path, error):
                 on_step=ran.append)
   assert ran == [1, 2]  # the batches read before the failure were all used
   assert not _prefetch_threads()
-  ckpt = checkpoint.Checkpointer(tmp_path / "run" / "checkpoints")
+  ckpt = runkit.Checkpointer(tmp_path / "run" / "checkpoints")
   assert ckpt.latest_step() == 2
   ckpt.close()
 
