@@ -30,6 +30,21 @@ STRATEGY_ORDER = ("topk", "mutual_choice", "feature_choice", "feature_choice_zip
 AUX_ORDER = ("none", "aux_k", "aux_zipf")
 
 
+def with_derived(rows: Sequence[dict]) -> list[dict]:
+  """Rows plus ``train_dead_fraction``: the share of features that had not fired in the
+  last ``dead_after_tokens`` training tokens at the end of training (the trainer's own dead
+  counter, from the last point of the training curve). ``dead_fraction`` counts features
+  that never fire on the held-out tokens, which also counts rare live features when the
+  evaluation set is short (a few thousand tokens against densities down to 1e-4)."""
+  out = []
+  for row in rows:
+    row = dict(row)
+    if row.get("curve") and "train_dead_fraction" not in row:
+      row["train_dead_fraction"] = row["curve"][-1]["dead_fraction"]
+    out.append(row)
+  return out
+
+
 def _key(row: dict) -> tuple:
   return (row.get("source", "minilm"), row["strategy"], row["aux_loss"], row["k"])
 
@@ -93,7 +108,8 @@ def flattening(curve: Sequence[dict], key: str = "nmse", decay_fraction: float =
 
 
 COLUMNS = (("L0", "l0_mean", "{:.2f}"), ("FVU", "fvu", "{:.4f}"),
-           ("dead", "dead_fraction", "{:.3f}"), ("underused", "underutilised_fraction", "{:.3f}"),
+           ("dead (eval)", "dead_fraction", "{:.3f}"),
+           ("dead (train)", "train_dead_fraction", "{:.3f}"), ("underused", "underutilised_fraction", "{:.3f}"),
            ("fidelity", "fidelity_recovered", "{:.3f}"), ("MCC", "recovery_mcc", "{:.3f}"),
            ("F1", "recovery_f1", "{:.3f}"), ("probe k=1", "probe_k1", "{:.3f}"),
            ("probe k=5", "probe_k5", "{:.3f}"), ("probe k=20", "probe_k20", "{:.3f}"),
@@ -117,14 +133,17 @@ def _source_table(by_key: dict, source: str) -> list[str]:
 
 def verdicts(rows: Sequence[dict]) -> list[dict]:
   """One entry per claim, source and k: the paired difference, its interval, the verdict."""
+  rows = with_derived(rows)
   by_key = groups(rows)
   out = []
   sources = sorted({k[0] for k in by_key})
   for source in sources:
     ks = sorted({k[3] for k in by_key if k[0] == source})
     for k in ks:
-      for metric, claim in (("dead_fraction", "fewer dead features than TopK"),
-                            ("fvu", "lower reconstruction error (FVU) than TopK")):
+      for metric, claim in (
+          ("train_dead_fraction", "fewer dead features than TopK (dead in training)"),
+          ("dead_fraction", "fewer dead features than TopK (never fired on held-out tokens)"),
+          ("fvu", "lower reconstruction error (FVU) than TopK")):
         for strategy in CHALLENGERS:
           diffs = paired(by_key, (source, strategy, "none", k), (source, BASELINE, "none", k),
                          metric)
@@ -135,12 +154,14 @@ def verdicts(rows: Sequence[dict]) -> list[dict]:
                         "mean": mean, "low": low, "high": high, "n": n,
                         "verdict": holds(low, high, -1)})
       for strategy in (BASELINE,) + CHALLENGERS:
-        for metric in ("dead_fraction", "underutilised_fraction"):
+        for metric in ("train_dead_fraction", "dead_fraction", "underutilised_fraction"):
           diffs = paired(by_key, (source, strategy, "aux_zipf", k),
                          (source, strategy, "aux_k", k), metric)
           if diffs:
             mean, low, high, n = confidence_interval(diffs)
-            what = "dead" if metric == "dead_fraction" else "underutilised"
+            what = {"train_dead_fraction": "dead (in training)",
+                    "dead_fraction": "dead (on held-out tokens)",
+                    "underutilised_fraction": "underutilised"}[metric]
             out.append({"claim": f"aux_zipf leaves fewer {what} features than aux_k",
                         "source": source, "k": k, "metric": metric,
                         "comparison": f"{strategy}: aux_zipf − aux_k",
@@ -177,7 +198,7 @@ def verdict_lines(rows: Sequence[dict]) -> list[str]:
 def markdown(result: dict) -> str:
   """results.md: setting, per-source tables (mean ± std over seeds), verdicts."""
   cfg = result["preset_config"]
-  rows = result["runs"]
+  rows = with_derived(result["runs"])
   by_key = groups(rows)
   machine = result.get("machine", {})
   lines = [f"# SAE allocation strategies ({result['preset']} preset)", "",
@@ -196,8 +217,9 @@ def markdown(result: dict) -> str:
       lines.append(f"  k-sparse probing of the raw activations (which corpus a held-out "
                    f"token came from, one-vs-rest, test accuracy): {accs}.")
   lines += ["", "Columns: mean ± sample std over seeds; FVU is textbook (squared error over "
-            "the variance about the evaluation-set mean); dead = never fired on the held-out "
-            "tokens; underused = below the Zipf law fitted to the feature densities; MCC / F1 "
+            "the variance about the evaluation-set mean); dead (eval) = never fired on the "
+            "held-out tokens (rare live features count too); dead (train) = not fired in the "
+            "last dead-after tokens of training, the trainer's own counter; underused = below the Zipf law fitted to the feature densities; MCC / F1 "
             "score decoder rows against the true features (|cos| >= 0.8 for F1); probe k = "
             "k-sparse probing accuracy of the batch-independent codes for the corpus of a "
             "held-out token (one-vs-rest, averaged); thr. = the "

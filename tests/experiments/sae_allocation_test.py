@@ -67,7 +67,8 @@ class SaeAllocationSmokeTest(absltest.TestCase):
       self.assertEqual([r["train_seconds"] for r in again["runs"]],
                        [r["train_seconds"] for r in rows])
       claims = {(v["claim"], v["n"]) for v in sae_report.verdicts(rows)}
-      self.assertIn(("mutual_choice has fewer dead features than TopK", 2), claims)
+      self.assertIn(("mutual_choice has fewer dead features than TopK (dead in training)", 2),
+                    claims)
       self.assertIn(("Mutual Choice selects what BatchTopK selects", 2), claims)
       # Only the first seed is exported; the export names its source, not an LM layer.
       cfg = json.loads((out / "saes" / "topk-none-k8" / "cfg.json").read_text())

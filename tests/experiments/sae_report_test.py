@@ -33,7 +33,8 @@ class VerdictTest(absltest.TestCase):
                _row("topk", "aux_k", s, 0.2, 0.2, under=0.30 + noise),
                _row("topk", "aux_zipf", s, 0.2, 0.2, under=0.40 + noise + 0.01 * s)]
     by = {(v["claim"], v["comparison"]): v for v in sae_report.verdicts(rows)}
-    dead = by[("mutual_choice has fewer dead features than TopK", "mutual_choice − topk, no aux")]
+    dead = by[("mutual_choice has fewer dead features than TopK (never fired on held-out tokens)",
+               "mutual_choice − topk, no aux")]
     self.assertEqual(dead["verdict"], "holds")
     self.assertAlmostEqual(dead["mean"], -0.2)
     fvu = by[("mutual_choice has lower reconstruction error (FVU) than TopK",
@@ -44,7 +45,12 @@ class VerdictTest(absltest.TestCase):
     self.assertEqual(under["verdict"], "opposite holds")
     self.assertEqual(under["n"], 3)
     lines = "\n".join(sae_report.verdict_lines(rows))
-    self.assertIn("| mutual_choice has fewer dead features than TopK | synthbench | 16 |", lines)
+    self.assertIn("| mutual_choice has fewer dead features than TopK (never fired on held-out "
+                  "tokens) | synthbench | 16 |", lines)
+    # The trainer's own dead counter comes from the last point of the training curve.
+    train_dead = by[("mutual_choice has fewer dead features than TopK (dead in training)",
+                     "mutual_choice − topk, no aux")]
+    self.assertEqual((train_dead["mean"], train_dead["verdict"]), (0.0, "not shown (CI spans 0)"))
 
   def test_mutual_choice_equals_batch_topk_row(self):
     rows = [dict(_row("mutual_choice", "none", s, 0.1, 0.2), mc_equals_batch_topk=v)
