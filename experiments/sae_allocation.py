@@ -626,5 +626,13 @@ def _is_scalar(v) -> bool:
   return isinstance(v, (int, float, bool, str)) or (np.ndim(v) == 0 and np.isreal(v))
 
 
+def cli() -> None:
+  """The command line: bad input and unreadable stores print one line, not a traceback."""
+  try:
+    main()
+  except (ValueError, FileNotFoundError) as err:
+    sys.exit(f"sae_allocation: error: {err}")
+
+
 if __name__ == "__main__":
-  main()
+  cli()

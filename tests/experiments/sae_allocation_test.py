@@ -2,6 +2,8 @@
 
 import json
 import pathlib
+import subprocess
+import sys
 import tempfile
 
 from absl.testing import absltest
@@ -76,6 +78,18 @@ class SaeAllocationSmokeTest(absltest.TestCase):
       self.assertIsNone(cfg["context_size"])
       self.assertGreater((out / "fvu_vs_l0_synthbench.png").stat().st_size, 1000)
       self.assertIn("## synthbench", (out / "results.md").read_text())
+
+
+  def test_command_line_reports_a_bad_store_in_one_line(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      proc = subprocess.run(
+          [sys.executable, "-m", "experiments.sae_allocation", "--preset", "smoke", "--store",
+           str(pathlib.Path(tmp) / "missing"), "--out", str(pathlib.Path(tmp) / "out"),
+           "--quiet"], capture_output=True, text=True,
+          cwd=pathlib.Path(__file__).resolve().parents[2])
+    self.assertNotEqual(proc.returncode, 0)
+    self.assertNotIn("Traceback", proc.stderr)
+    self.assertIn("is not an activation store", proc.stderr.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
