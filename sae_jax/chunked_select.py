@@ -31,6 +31,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from sae_jax import allocation
 from sae_jax import fast_select
+from sae_jax import losses
 from sae_jax import model
 from sae_jax import params as sae_params
 
@@ -135,11 +136,6 @@ def _chunk_pre(centred_CxD, W_enc, b_enc):
 
 def _scores(pre, cfg: model.SAEConfig):
   return jax.nn.relu(pre) if cfg.select_on == "relu" else pre
-
-
-def _aux_scores(pre, candidates_F, weights_F):
-  scores = pre if weights_F is None else pre * weights_F[None, :]
-  return jnp.where(candidates_F[None, :], scores, -jnp.inf)
 
 
 def _flat_rows(b: int, k: int) -> Array:
@@ -263,8 +259,8 @@ def select(params: sae_params.SAEParams, x: Float[Array, "b d"], cfg: model.SAEC
       vals_CxW, cols_CxW = fast_select.rows_topk(scores_CxF, width)
       out["main"] = (vals_CxW, cols_CxW, jnp.take_along_axis(pre_CxF, cols_CxW, axis=1))
     if use_aux:
-      _, aux_cols = fast_select.rows_topk(_aux_scores(pre_CxF, aux_candidates, aux_weights),
-                                          k_aux)
+      aux_scores_CxF = losses.aux_scores(pre_CxF, aux_candidates, aux_weights)
+      _, aux_cols = fast_select.rows_topk(aux_scores_CxF, k_aux)
       out["aux"] = (aux_cols, jnp.take_along_axis(pre_CxF, aux_cols, axis=1))
     return out
 

@@ -49,6 +49,7 @@ from sae_jax import fused_adam
 from sae_jax import losses
 from sae_jax import metrics
 from sae_jax import model
+from sae_jax import objective
 from sae_jax import params as sae_params
 from sae_jax import sparse
 from sae_jax import train
@@ -60,8 +61,9 @@ from sae_jax.chunked_select import check_fast_config
 from sae_jax.chunked_select import select
 from sae_jax.chunked_select import supports
 
-__all__ = ["fast_train_step", "jit_fast_train_step", "aux_candidates", "aux_form",
+__all__ = ["fast_train_step", "jit_fast_train_step", "aux_form",
            "AUX_FORMS", "DENSE_AUX_MIN_FRACTION", "usage_update", "threshold_update",
+           "feature_counts", "batch_min",
            "select", "Selection", "supports", "check_fast_config", "FAST_ALLOCATIONS",
            "DEFAULT_CHUNK_TOKENS"]
 
@@ -108,16 +110,14 @@ def _sparse_loss(dec: tuple[Array, Array], pre_N, aux_pre_N, x, sel: Selection,
   codes_N = jnp.where(sel.valid, jax.nn.relu(pre_N), jnp.zeros_like(pre_N))
   recon_BxD = sparse.sparse_decode(codes_N, sel.rows, sel.cols, W_dec, b) + b_dec
   nmse = metrics.normalized_mse(recon_BxD, x)
-  loss = nmse
+  l1 = None
   if cfg.l1_coefficient > 0:
-    # Same guard as losses.l1_penalty: no infinite sqrt derivative at an all-zero row.
-    sq_F = jnp.sum(jnp.square(W_dec), axis=1)
-    norms_F = jnp.where(sq_F > 0, jnp.sqrt(jnp.where(sq_F > 0, sq_F, 1.0)), 0.0)
-    loss = loss + cfg.l1_coefficient * jnp.sum(jnp.abs(codes_N) * norms_F[sel.cols]) / b
+    l1 = jnp.sum(jnp.abs(codes_N) * losses.decoder_row_norms(W_dec)[sel.cols]) / b
   aux = jnp.zeros((), jnp.float32)
   if aux_sel is not None:
-    scores_N = aux_pre_N if aux_weights is None else aux_pre_N * aux_weights[aux_sel.cols]
-    aux_codes_N = jax.nn.relu(jnp.where(aux_candidates[aux_sel.cols], scores_N, -jnp.inf))
+    aux_codes_N = jax.nn.relu(losses.aux_scores(
+        aux_pre_N, aux_candidates[aux_sel.cols],
+        None if aux_weights is None else aux_weights[aux_sel.cols]))
     residual_BxD = x - jax.lax.stop_gradient(recon_BxD)
     if aux_block_rows is None:
       residual_hat_BxD = sparse.sparse_decode(aux_codes_N, aux_sel.rows, aux_sel.cols,
@@ -125,43 +125,42 @@ def _sparse_loss(dec: tuple[Array, Array], pre_N, aux_pre_N, x, sel: Selection,
     else:
       residual_hat_BxD = sparse.row_block_decode(
           aux_codes_N.reshape(b, -1), aux_sel.cols.reshape(b, -1), W_dec, aux_block_rows)
-    squared_error, variance_sum = metrics.reconstruction_error_terms(residual_hat_BxD,
-                                                                     residual_BxD)
-    active = jnp.any(aux_candidates) & (variance_sum > 0)
-    safe_variance = jnp.where(active, variance_sum, 1.0)
-    aux = jnp.where(active, squared_error / safe_variance, 0.0)
-  loss = loss + tcfg.aux_coefficient * aux
+    aux = losses.residual_loss(
+        *metrics.reconstruction_error_terms(residual_hat_BxD, residual_BxD),
+        jnp.any(aux_candidates))
+  loss = objective.total_loss(nmse, l1, aux, cfg, tcfg)
   return loss, (codes_N, nmse, aux)
 
 
 def usage_update(state: metrics.FeatureUsageState, sel: Selection, codes: Float[Array, "n"],
                  num_tokens: int, decay: float) -> metrics.FeatureUsageState:
   """``metrics.feature_usage_update`` from the triples instead of a ``[b, f]`` code matrix."""
-  f = state.density_ema.shape[0]
-  fired_N = (codes > 0).astype(jnp.float32)
-  count_F = jnp.zeros((f,), jnp.float32).at[sel.cols].add(fired_N)
-  density_F = count_F / num_tokens
-  blended_F = decay * state.density_ema + (1.0 - decay) * density_F
-  density_ema = jnp.where(state.num_tokens == 0, density_F, blended_F)
-  tokens_since_fired = jnp.where(
-      count_F > 0, 0, metrics.saturating_add(state.tokens_since_fired, num_tokens))
-  return metrics.FeatureUsageState(
-      density_ema=density_ema.astype(jnp.float32),
-      tokens_since_fired=tokens_since_fired.astype(jnp.int32),
-      num_tokens=metrics.saturating_add(state.num_tokens, num_tokens).astype(jnp.int32))
+  return metrics.feature_usage_from_counts(state, feature_counts(sel, codes,
+                                                                 state.density_ema.shape[0]),
+                                           num_tokens, decay=decay)
+
+
+def feature_counts(sel: Selection, codes: Float[Array, "n"], num_features: int
+                   ) -> Float[Array, "f"]:
+  """Per-feature number of positive codes among the triples (float32, exact to 2**24)."""
+  return jnp.zeros((num_features,), jnp.float32).at[sel.cols].add(
+      (codes > 0).astype(jnp.float32))
 
 
 def threshold_update(threshold: Float[Array, "f"], sel: Selection, codes: Float[Array, "n"],
                      cfg: model.SAEConfig, decay: float) -> Float[Array, "f"]:
   """``train.update_threshold`` from the triples: EMA of the smallest kept positive code."""
+  return objective.threshold_from_batch_min(threshold, batch_min(threshold, sel, codes, cfg),
+                                            decay)
+
+
+def batch_min(threshold: Float[Array, "f"], sel: Selection, codes: Float[Array, "n"],
+              cfg: model.SAEConfig) -> Float[Array, "f"]:
+  """The smallest kept positive code, per feature (Feature Choice) or broadcast; +inf if none."""
   positive_N = jnp.where(codes > 0, codes, jnp.inf)
-  if cfg.allocation in FEATURE_CHOICE:
-    batch_min = jnp.full(threshold.shape, jnp.inf, jnp.float32).at[sel.cols].min(positive_N)
-  else:
-    batch_min = jnp.broadcast_to(positive_N.min(), threshold.shape)
-  seen = jnp.isfinite(batch_min)
-  ema = jnp.where(jnp.isinf(threshold), batch_min, decay * threshold + (1 - decay) * batch_min)
-  return jnp.where(seen, ema, threshold)
+  if objective.per_feature_threshold(cfg):
+    return jnp.full(threshold.shape, jnp.inf, jnp.float32).at[sel.cols].min(positive_N)
+  return jnp.broadcast_to(positive_N.min(), threshold.shape)
 
 
 def fast_train_step(state: train.TrainState, x: Float[Array, "b d"], cfg: model.SAEConfig,
@@ -197,7 +196,7 @@ def fast_train_step(state: train.TrainState, x: Float[Array, "b d"], cfg: model.
   """
   if aux_form not in AUX_FORMS:
     raise ValueError(f"aux_form must be one of {AUX_FORMS}; got {aux_form!r}.")
-  aux = aux_candidates(state.usage, cfg, tcfg)
+  aux = objective.aux_candidates(state.usage, tcfg)
   if aux is None:
     return _step(state, x, None, cfg, tcfg, chunk_tokens, aux_form)
   candidates, weights = aux
@@ -206,23 +205,6 @@ def fast_train_step(state: train.TrainState, x: Float[Array, "b d"], cfg: model.
       lambda s, v: _step(s, v, (candidates, weights), cfg, tcfg, chunk_tokens, aux_form),
       lambda s, v: _step(s, v, None, cfg, tcfg, chunk_tokens, aux_form),
       state, x)
-
-
-def aux_candidates(usage: metrics.FeatureUsageState, cfg: model.SAEConfig,
-                   tcfg: train.TrainConfig):
-  """``(candidates [f] bool, weights [f] or None)`` of the auxiliary loss, None without one.
-
-  aux_k: the dead features; aux_zipf: the features below the Zipf law fitted to the
-  density profile (dead ones included), weighted by their deficit if configured.
-  """
-  if tcfg.aux_loss == "none":
-    return None
-  if tcfg.aux_loss == "aux_k":
-    return metrics.dead_features(usage, tcfg.dead_after_tokens), None
-  c, s = metrics.fit_zipf(usage.density_ema)
-  under = metrics.underutilised_features(usage.density_ema, c, s, tcfg.zipf_tau)
-  weights = metrics.zipf_deficit(usage.density_ema, c, s) if tcfg.zipf_weighted else None
-  return under, weights
 
 
 def _step(state: train.TrainState, x, aux, cfg: model.SAEConfig, tcfg: train.TrainConfig,
@@ -234,7 +216,7 @@ def _step(state: train.TrainState, x, aux, cfg: model.SAEConfig, tcfg: train.Tra
   block_rows = None
   if aux is not None:
     aux_cands, aux_weights = aux
-    k_aux = min(tcfg.k_aux or losses.default_k_aux(cfg.d_model), cfg.d_sae)
+    k_aux = objective.k_aux(cfg, tcfg)
     if form == "auto":
       form = aux_form(cfg.d_sae, k_aux)
     if form == "dense":  # dense blocks of one encoder chunk of tokens
@@ -266,16 +248,11 @@ def _step(state: train.TrainState, x, aux, cfg: model.SAEConfig, tcfg: train.Tra
   codes_N = jax.lax.stop_gradient(codes_N)
   usage = usage_update(state.usage, sel, codes_N, b, tcfg.usage_decay)
   threshold = threshold_update(state.threshold, sel, codes_N, cfg, tcfg.threshold_decay)
-  step_metrics = {
-      "loss": loss,
-      "nmse": nmse,
-      "aux_loss": aux_loss,
-      "l0": jnp.sum(codes_N > 0, dtype=jnp.int32).astype(jnp.float32) / b,
-      "dead_fraction": metrics.dead_fraction(usage, tcfg.dead_after_tokens),
-      "learning_rate": train.learning_rate_schedule(tcfg)(state.step),
-      "grad_norm": grad_norm,
-      "batch_finite": jnp.all(jnp.isfinite(x)).astype(jnp.float32),
-  }
+  step_metrics = objective.step_metrics(
+      loss=loss, nmse=nmse, aux=aux_loss,
+      l0=jnp.sum(codes_N > 0, dtype=jnp.int32).astype(jnp.float32) / b, usage=usage, tcfg=tcfg,
+      learning_rate=train.learning_rate_schedule(tcfg)(state.step), grad_norm=grad_norm,
+      batch_finite=jnp.all(jnp.isfinite(x)).astype(jnp.float32))
   return (train.TrainState(new_params, opt_state, usage, threshold, state.step + 1),
           step_metrics)
 

@@ -92,11 +92,7 @@ def _masked_topk_residual_loss(
   """Normalised MSE of the residual decoded from the top-k_aux candidates."""
   residual_BxD = x_BxD.astype(jnp.float32) - jax.lax.stop_gradient(
       recon_BxD).astype(jnp.float32)
-  scores_BxF = pre_BxF
-  if weights_F is not None:
-    # Weights are usage statistics, not parameters.
-    scores_BxF = scores_BxF * jax.lax.stop_gradient(weights_F)[None, :]
-  scores_BxF = jnp.where(candidates_F[None, :], scores_BxF, -jnp.inf)
+  scores_BxF = aux_scores(pre_BxF, candidates_F, weights_F)
   values_BxK, indices_BxK = jax.lax.top_k(scores_BxF, k_aux)
   # Non-candidates come back as -inf when there are fewer than k_aux
   # candidates; ReLU maps them to 0 with zero gradient.
@@ -106,10 +102,42 @@ def _masked_topk_residual_loss(
   # The residual already excludes the decoder bias, so none is added back.
   residual_hat_BxD = codes_BxF @ W_dec_FxD
   squared_error, variance_sum = reconstruction_error_terms(residual_hat_BxD, residual_BxD)
-  active = jnp.any(candidates_F) & (variance_sum > 0)
+  return residual_loss(squared_error, variance_sum, jnp.any(candidates_F))
+
+
+def aux_scores(pre: Float[Array, "... f"], candidates: Bool[Array, "f"],
+               weights: Num[Array, "f"] | None = None) -> Float[Array, "... f"]:
+  """Auxiliary selection scores: ``pre * weights`` on candidates, ``-inf`` elsewhere.
+
+  The weights are usage statistics, not parameters: no gradient flows into them.
+  """
+  scores = pre
+  if weights is not None:
+    scores = scores * jax.lax.stop_gradient(weights)
+  return jnp.where(candidates, scores, -jnp.inf)
+
+
+def residual_loss(squared_error: Float[Array, ""], variance_sum: Float[Array, ""],
+                  any_candidates: Bool[Array, ""]) -> Float[Array, ""]:
+  """An auxiliary loss from its two sums: ``squared_error / variance_sum``, or exactly 0.
+
+  The sums are those of :func:`sae_jax.metrics.reconstruction_error_terms` for the
+  decoded residual against the true residual, over the whole batch (a sharded step
+  passes them reduced over devices). The loss is 0, with a zero and finite gradient,
+  when there is no candidate feature or the residual has no variance.
+  """
+  active = any_candidates & (variance_sum > 0)
   # Double where: the unused branch must stay finite or its NaN leaks into grads.
   safe_variance = jnp.where(active, variance_sum, 1.0)
   return jnp.where(active, squared_error / safe_variance, 0.0)
+
+
+def decoder_row_norms(W_dec: Float[Array, "f d"]) -> Float[Array, "f"]:
+  """Row norms of the decoder in float32, with a zero (not infinite) derivative at 0."""
+  squared_norms_F = jnp.sum(jnp.square(jnp.asarray(W_dec).astype(jnp.float32)), axis=1)
+  # sqrt has an infinite derivative at 0; keep all-zero rows out of its domain.
+  nonzero_F = squared_norms_F > 0
+  return jnp.where(nonzero_F, jnp.sqrt(jnp.where(nonzero_F, squared_norms_F, 1.0)), 0.0)
 
 
 def aux_k_loss(
@@ -218,10 +246,5 @@ def l1_penalty(codes: Num[Array, "b f"], W_dec: Float[Array, "f d"]) -> Float[Ar
     raise ValueError(
         f"W_dec must have {codes.shape[1]} rows to match codes {tuple(codes.shape)}; "
         f"got {tuple(W_dec.shape)}.")
-  squared_norms_F = jnp.sum(jnp.square(W_dec.astype(jnp.float32)), axis=1)
-  # sqrt has an infinite derivative at 0; keep all-zero rows out of its domain.
-  nonzero_F = squared_norms_F > 0
-  row_norms_F = jnp.where(
-      nonzero_F, jnp.sqrt(jnp.where(nonzero_F, squared_norms_F, 1.0)), 0.0)
-  per_token_B = jnp.abs(codes.astype(jnp.float32)) @ row_norms_F
+  per_token_B = jnp.abs(codes.astype(jnp.float32)) @ decoder_row_norms(W_dec)
   return jnp.mean(per_token_B)

@@ -203,13 +203,36 @@ def feature_usage_update(
         f"feature_usage_init({num_features}).")
   if _is_python_number(decay) and not 0.0 < decay < 1.0:
     raise ValueError(f"decay must lie in the open interval (0, 1); got {decay}.")
-  fired_BxF = codes > fire_threshold
-  density_F = jnp.mean(fired_BxF.astype(jnp.float32), axis=0)
+  count_F = jnp.sum(codes > fire_threshold, axis=0, dtype=jnp.int32)
+  return feature_usage_from_counts(state, count_F, num_tokens, decay=decay)
+
+
+def feature_usage_from_counts(
+    state: FeatureUsageState,
+    count_F: Num[Array, "f"],
+    num_tokens: int,
+    *,
+    decay: float = 0.99,
+) -> FeatureUsageState:
+  """Folds one batch's per-feature firing counts into the usage statistics.
+
+  What :func:`feature_usage_update` does after counting, for steps that count firings
+  without a ``[b, f]`` code matrix (from flat triples, or summed over devices).
+
+  Args:
+    state: Current statistics.
+    count_F: [f] number of this batch's tokens on which each feature fired.
+    num_tokens: Static number of tokens in the batch (all devices together).
+    decay: EMA decay in (0, 1); may be traced.
+
+  Returns:
+    Updated statistics.
+  """
+  density_F = count_F.astype(jnp.float32) / num_tokens
   blended_F = decay * state.density_ema + (1.0 - decay) * density_F
   density_ema = jnp.where(state.num_tokens == 0, density_F, blended_F)
-  fired_F = jnp.any(fired_BxF, axis=0)
   tokens_since_fired = jnp.where(
-      fired_F, 0, saturating_add(state.tokens_since_fired, num_tokens))
+      count_F > 0, 0, saturating_add(state.tokens_since_fired, num_tokens))
   return FeatureUsageState(
       density_ema=density_ema.astype(jnp.float32),
       tokens_since_fired=tokens_since_fired.astype(jnp.int32),

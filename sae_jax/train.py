@@ -22,6 +22,7 @@ from jaxtyping import Array, Float
 from sae_jax import losses
 from sae_jax import metrics
 from sae_jax import model
+from sae_jax import objective
 from sae_jax import params as sae_params
 
 AUX_LOSSES = ("none", "aux_k", "aux_zipf")
@@ -151,16 +152,12 @@ def update_threshold(threshold: Float[Array, "f"], codes: Float[Array, "b f"],
     Bussmann, Leask & Nanda 2024, "BatchTopK Sparse Autoencoders", arXiv 2412.06410.
   """
   codes32 = codes.astype(jnp.float32)
-  big = jnp.float32(jnp.inf)
-  positive = jnp.where(codes32 > 0, codes32, big)
-  if cfg.allocation in ("feature_choice", "feature_choice_zipf"):
+  positive = jnp.where(codes32 > 0, codes32, jnp.float32(jnp.inf))
+  if objective.per_feature_threshold(cfg):
     batch_min = positive.min(axis=0)
   else:
     batch_min = jnp.broadcast_to(positive.min(), threshold.shape)
-  seen = jnp.isfinite(batch_min)
-  ema = jnp.where(jnp.isinf(threshold), batch_min,
-                  decay * threshold + (1 - decay) * batch_min)
-  return jnp.where(seen, ema, threshold)
+  return objective.threshold_from_batch_min(threshold, batch_min, decay)
 
 
 def _loss(p: sae_params.SAEParams, x, usage: metrics.FeatureUsageState,
@@ -169,19 +166,14 @@ def _loss(p: sae_params.SAEParams, x, usage: metrics.FeatureUsageState,
   x32 = x.astype(jnp.float32)
   recon32 = out.recon.astype(jnp.float32)
   nmse = metrics.normalized_mse(recon32, x32)
-  loss = nmse
+  l1 = None
   if cfg.l1_coefficient > 0:
-    loss = loss + cfg.l1_coefficient * losses.l1_penalty(out.codes.astype(jnp.float32), p.W_dec)
-  k_aux = min(tcfg.k_aux or losses.default_k_aux(cfg.d_model), cfg.d_sae)
+    l1 = losses.l1_penalty(out.codes.astype(jnp.float32), p.W_dec)
   aux = jnp.zeros((), jnp.float32)
-  if tcfg.aux_loss != "none":
-    if tcfg.aux_loss == "aux_k":
-      candidates = metrics.dead_features(usage, tcfg.dead_after_tokens)
-      weights = None
-    else:
-      c, s = metrics.fit_zipf(usage.density_ema)
-      candidates = metrics.underutilised_features(usage.density_ema, c, s, tcfg.zipf_tau)
-      weights = metrics.zipf_deficit(usage.density_ema, c, s) if tcfg.zipf_weighted else None
+  candidates = objective.aux_candidates(usage, tcfg)
+  if candidates is not None:
+    candidates, weights = candidates
+    k_aux = objective.k_aux(cfg, tcfg)
 
     def aux_loss(pre, recon, W_dec):
       if tcfg.aux_loss == "aux_k":
@@ -192,7 +184,7 @@ def _loss(p: sae_params.SAEParams, x, usage: metrics.FeatureUsageState,
     aux = jax.lax.cond(jnp.any(candidates), aux_loss,
                        lambda *_: jnp.zeros((), jnp.float32),
                        out.pre.astype(jnp.float32), recon32, p.W_dec)
-  loss = loss + tcfg.aux_coefficient * aux
+  loss = objective.total_loss(nmse, l1, aux, cfg, tcfg)
   return loss, (out, nmse, aux)
 
 
@@ -216,17 +208,11 @@ def train_step(state: TrainState, x: Float[Array, "b d"], cfg: model.SAEConfig,
   usage = metrics.feature_usage_update(state.usage, out.codes, decay=tcfg.usage_decay)
   threshold = update_threshold(state.threshold, jax.lax.stop_gradient(out.codes), cfg,
                                tcfg.threshold_decay)
-  step_metrics = {
-      "loss": loss,
-      "nmse": nmse,
-      "aux_loss": aux,
-      "l0": metrics.mean_l0(out.codes),
-      "dead_fraction": metrics.dead_fraction(usage, tcfg.dead_after_tokens),
-      "learning_rate": learning_rate_schedule(tcfg)(state.step),
-      "grad_norm": optax.tree.norm(grads),
-      # Checked by the loop on every process, so a bad batch on one host stops them all.
-      "batch_finite": jnp.all(jnp.isfinite(x)).astype(jnp.float32),
-  }
+  step_metrics = objective.step_metrics(
+      loss=loss, nmse=nmse, aux=aux, l0=metrics.mean_l0(out.codes), usage=usage, tcfg=tcfg,
+      learning_rate=learning_rate_schedule(tcfg)(state.step),
+      grad_norm=optax.tree.norm(grads),
+      batch_finite=jnp.all(jnp.isfinite(x)).astype(jnp.float32))
   return TrainState(new_params, opt_state, usage, threshold, state.step + 1), step_metrics
 
 

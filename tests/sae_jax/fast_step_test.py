@@ -13,6 +13,7 @@ from sae_jax import chunked_select
 from sae_jax import fast_step
 from sae_jax import metrics
 from sae_jax import model
+from sae_jax import objective
 from sae_jax import sparse
 from sae_jax import train
 
@@ -351,7 +352,7 @@ class FastStepPropertiesTest(parameterized.TestCase):
       ranks = jnp.arange(1, F + 1, dtype=jnp.float32)
       state = state._replace(usage=state.usage._replace(
           density_ema=0.2 / ranks, num_tokens=jnp.int32(10 * B)))
-    self.assertFalse(bool(jnp.any(fast_step.aux_candidates(state.usage, cfg, tcfg)[0])))
+    self.assertFalse(bool(jnp.any(objective.aux_candidates(state.usage, tcfg)[0])))
     jaxpr = str(jax.make_jaxpr(partial(fast_step.fast_train_step, cfg=cfg, tcfg=tcfg,
                                        chunk_tokens=CHUNK))(state, x))
     self.assertIn("cond", jaxpr)
