@@ -130,11 +130,13 @@ def capacity_tiers(capacity_F: np.ndarray, chunk: int, ratio: float = TIER_RATIO
   return tiers
 
 
-def _chunk_pre(centred_CxD, W_enc, b_enc):
+def chunk_pre(centred_CxD, W_enc, b_enc):
+  """Pre-activations of one chunk of centred inputs."""
   return centred_CxD @ W_enc + b_enc
 
 
-def _scores(pre, cfg: model.SAEConfig):
+def selection_scores(pre, cfg: model.SAEConfig):
+  """The values the allocation ranks: ``relu(pre)`` or ``pre`` (``cfg.select_on``)."""
   return jax.nn.relu(pre) if cfg.select_on == "relu" else pre
 
 
@@ -152,8 +154,8 @@ def _mutual_choice_exact(centred_NxCxD, W_enc, b_enc, n: int, cfg) -> Selection:
   f = W_enc.shape[1]
 
   def chunk(c):
-    pre = _chunk_pre(centred_NxCxD[c], W_enc, b_enc)
-    return fast_select.sortable_key(_scores(pre, cfg)), pre
+    pre = chunk_pre(centred_NxCxD[c], W_enc, b_enc)
+    return fast_select.sortable_key(selection_scores(pre, cfg)), pre
 
   def count(pred):
     return lax.fori_loop(0, nc, lambda c, acc: acc + jnp.sum(pred(chunk(c)[0]),
@@ -247,8 +249,8 @@ def select(params: sae_params.SAEParams, x: Float[Array, "b d"], cfg: model.SAEC
   def per_chunk(args):
     c, centred_CxD = args
     out = {}
-    pre_CxF = _chunk_pre(centred_CxD, W_enc, b_enc)
-    scores_CxF = _scores(pre_CxF, cfg)
+    pre_CxF = chunk_pre(centred_CxD, W_enc, b_enc)
+    scores_CxF = selection_scores(pre_CxF, cfg)
     if fc:  # per-feature top tokens: a column top-k, run without transposing the chunk
       out["main"] = []
       for t in tiers:
@@ -363,8 +365,8 @@ def _mutual_choice_expand(vals_BxC, cols_BxC, pre_BxC, saturated_B, n, centred_B
   b, cap = vals_BxC.shape
   idx_S = jnp.nonzero(saturated_B, size=rows, fill_value=0)[0].astype(jnp.int32)
   valid_S = jnp.arange(rows) < jnp.sum(saturated_B, dtype=jnp.int32)
-  pre_SxF = _chunk_pre(centred_BxD[idx_S], W_enc, b_enc)
-  vals_SxW, cols_SxW = fast_select.rows_topk(_scores(pre_SxF, cfg), wide)
+  pre_SxF = chunk_pre(centred_BxD[idx_S], W_enc, b_enc)
+  vals_SxW, cols_SxW = fast_select.rows_topk(selection_scores(pre_SxF, cfg), wide)
   pre_SxW = jnp.take_along_axis(pre_SxF, cols_SxW, axis=1)
   # Candidates as order-preserving keys; key 0 (below every score's key) marks the
   # saturated rows' old proposals and the padding rows, which are never selected.

@@ -152,7 +152,8 @@ def _sum_in_blocks(fn, consts):
 
 
 def update(params: sae_params.SAEParams, grads: sae_params.SAEParams, opt_state,
-           tcfg: train.TrainConfig) -> tuple[sae_params.SAEParams, optax.OptState, Array]:
+           tcfg: train.TrainConfig, *, sum_over_shards=None
+           ) -> tuple[sae_params.SAEParams, optax.OptState, Array]:
   """Projected, clipped Adam step and decoder renormalisation, in place.
 
   Args:
@@ -162,6 +163,10 @@ def update(params: sae_params.SAEParams, grads: sae_params.SAEParams, opt_state,
       ``W_dec`` before the decoder projection.
     opt_state: state of ``train.make_optimizer(tcfg)``.
     tcfg: optimisation settings.
+    sum_over_shards: inside ``shard_map`` with the dictionary split over devices, the
+      function that sums a per-device partial sum over them (e.g.
+      ``lambda v: lax.psum(v, "model")``), so the clipping norm is the global one;
+      ``b_dec``, replicated, enters once. None on one device.
 
   Returns:
     ``(new_params, new_opt_state, grad_norm)``: the same values as the optax path above
@@ -188,7 +193,10 @@ def update(params: sae_params.SAEParams, grads: sae_params.SAEParams, opt_state,
   with jax.named_scope("grad_norm"):
     dec_sq = _sum_in_blocks(lambda g, w: jnp.square(_project(g, w)),
                             (grads.W_dec, params.W_dec))
-    g_norm = jnp.sqrt(sq(grads.W_enc) + sq(grads.b_enc) + dec_sq + sq(grads.b_dec))
+    sharded_sq = sq(grads.W_enc) + sq(grads.b_enc) + dec_sq
+    if sum_over_shards is not None:
+      sharded_sq = sum_over_shards(sharded_sq)
+    g_norm = jnp.sqrt(sharded_sq + sq(grads.b_dec))
   count_inc = optax.safe_increment(adam.count)
   s = _AdamScalars(
       trigger=jnp.squeeze(g_norm < tcfg.grad_clip), g_norm=g_norm,

@@ -121,8 +121,14 @@ def feature_choice_sharded(scores: Float[Array, "b f"], capacity: int | Int[Arra
       scores, cap_arr)
 
 
-def _global_select(keys, flat, n, axes):
-  """Exactly the n largest keys over all devices; ties to the lower global flat index."""
+def select_global_top_n(keys, flat, n: int, axes) -> Bool[Array, "..."]:
+  """Exactly the n largest keys over all devices; ties to the lower global flat index.
+
+  Runs inside ``shard_map``: ``keys`` are order-preserving uint32 keys
+  (``fast_select.sortable_key``) of this device's candidates, ``flat`` their distinct
+  global uint32 indices, ``axes`` the mesh axes the candidates are spread over. Two count
+  bisections with a ``psum`` per step; returns this device's kept candidates.
+  """
   psum = lambda x: lax.psum(jnp.sum(x, dtype=jnp.int32), axes)
   t = fast_select.bisect_uint32(lambda u: psum(keys >= u), n)
   above = keys > t
@@ -166,7 +172,7 @@ def mutual_choice_sharded(scores: Float[Array, "b f"], k: float, mesh: Mesh, *,
     def select(vals, cols_loc):
       keys = fast_select.sortable_key(vals)
       flat = (row0 + rows_loc) * jnp.uint32(f) + col0 + cols_loc.astype(jnp.uint32)
-      return _global_select(keys, flat, n, axes)
+      return select_global_top_n(keys, flat, n, axes)
 
     def full(_):
       cols = jnp.broadcast_to(jnp.arange(f_loc, dtype=jnp.int32)[None, :], block.shape)

@@ -21,6 +21,7 @@ from sae_jax import fast_step
 from sae_jax import metrics
 from sae_jax import model
 from sae_jax import params as sae_params
+from sae_jax import sharded_step
 from sae_jax import train
 
 DATA = "data"
@@ -101,42 +102,46 @@ def init_sharded_state(key, cfg: model.SAEConfig, tcfg: train.TrainConfig, mesh:
 
 
 def uses_sparse_step(cfg: model.SAEConfig, mesh: Mesh, sparse: bool | None = None) -> bool:
-  """Whether :func:`jit_sharded_step` runs the sparse step for this configuration."""
-  return sparse is not False and mesh.size == 1 and fast_step.supports(cfg)
+  """Whether :func:`jit_sharded_step` runs a sparse step for this configuration."""
+  return sparse is not False and fast_step.supports(cfg)
 
 
 def jit_sharded_step(cfg: model.SAEConfig, tcfg: train.TrainConfig, mesh: Mesh,
                      state_shape: train.TrainState, sparse: bool | None = None):
   """The training step jitted once with explicit in/out shardings and a donated state.
 
-  On a one-device mesh the sparse step :func:`sae_jax.fast_step.fast_train_step` runs
-  by default wherever it supports the configuration (same update to float32 rounding,
-  a fraction of the cost); otherwise, and whenever ``sparse=False``, the dense
-  :func:`sae_jax.train.train_step`, whose allocation is exact across the mesh.
+  By default a sparse step runs wherever it supports the configuration (every
+  allocation but the ReLU+L1 baseline, float32): on a one-device mesh
+  :func:`sae_jax.fast_step.fast_train_step`, on any larger mesh
+  :func:`sae_jax.sharded_step.sharded_sparse_step`; both make the update of the dense
+  :func:`sae_jax.train.train_step` to float32 rounding at a fraction of its cost. The
+  dense step runs otherwise, or whenever ``sparse=False``.
 
   Returns ``step(state, x) -> (state, metrics)``; ``x`` is ``[b, d]`` with b divisible
   by the data axis size. The same settings and state shapes return the same jitted
   function, so its compiled program is reused across calls.
 
   Raises:
-    ValueError: if ``sparse=True`` on a mesh of several devices or for a configuration
-      the sparse step does not support.
+    ValueError: if ``sparse=True`` for a configuration no sparse step supports.
   """
-  can_sparse = mesh.size == 1 and fast_step.supports(cfg)
-  if sparse and not can_sparse:
+  if sparse and not fast_step.supports(cfg):
     raise ValueError(
-        f"sparse=True needs a one-device mesh and an allocation in "
-        f"{fast_step.FAST_ALLOCATIONS} with float32 dtypes; got a mesh of {mesh.size} "
-        f"devices and allocation={cfg.allocation!r}. Pass sparse=None to choose "
+        f"sparse=True needs an allocation in {fast_step.FAST_ALLOCATIONS} with float32 "
+        f"dtypes; got allocation={cfg.allocation!r}, dtype={jax.numpy.dtype(cfg.dtype).name},"
+        f" param_dtype={jax.numpy.dtype(cfg.param_dtype).name}. Pass sparse=None to choose "
         "automatically.")
-  cache_key = ("step", cfg, tcfg, mesh, uses_sparse_step(cfg, mesh, sparse),
-               _shape_key(state_shape))
+  use_sparse = uses_sparse_step(cfg, mesh, sparse)
+  cache_key = ("step", cfg, tcfg, mesh, use_sparse, _shape_key(state_shape))
   if cache_key in _PROGRAMS:
     return _PROGRAMS[cache_key]
   shardings = state_shardings(state_shape, mesh)
   replicated = NamedSharding(mesh, P())
-  if uses_sparse_step(cfg, mesh, sparse):
+  if use_sparse and mesh.size == 1:
     step = functools.partial(fast_step.fast_train_step, cfg=cfg, tcfg=tcfg)
+  elif use_sparse:
+    specs = jax.tree.map(lambda s: s.spec, shardings)
+    step = functools.partial(sharded_step.sharded_sparse_step, cfg=cfg, tcfg=tcfg, mesh=mesh,
+                             state_specs=specs)
   else:
     step = functools.partial(train.train_step, cfg=cfg, tcfg=tcfg, mesh=mesh)
   _PROGRAMS[cache_key] = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),

@@ -13,6 +13,11 @@ from sae_jax import train
 from sae_jax.data import synthetic
 
 
+# Jitted: outside jit, shard_map runs its loops (the bisections) op by op, slowly.
+_forward = jax.jit(lambda p, x, cfg, mesh: model.forward(p, x, cfg, mesh=mesh),
+                   static_argnums=(2, 3))
+
+
 def _run(mesh, allocation, steps=3):
   scfg = synthetic.SyntheticConfig(d_model=16, num_features=48, mean_active=3.0)
   dirs, probs = synthetic.ground_truth(jax.random.key(0), scfg)
@@ -27,7 +32,7 @@ def _run(mesh, allocation, steps=3):
     x = synthetic.sample_batch(jax.random.fold_in(jax.random.key(1), i), dirs, probs, 64,
                                scfg.noise_std)
     x = jax.device_put(x, sharding.batch_sharding(mesh))
-    masks.append(np.asarray(model.forward(state.params, x, cfg, mesh=mesh).mask))
+    masks.append(np.asarray(_forward(state.params, x, cfg, mesh).mask))
     state, _ = step(state, x)
   return state, masks
 
@@ -108,6 +113,20 @@ class StepChoiceTest(parameterized.TestCase):
     self.assertIn("tensor<64x64xf32>, tensor<64x16xf32>",
                   dense_step.lower(state, x).as_text())
 
-  def test_sparse_on_a_mesh_is_refused(self):
-    with self.assertRaisesRegex(ValueError, "sparse=True needs a one-device mesh"):
-      self._step_and_state(sharding.make_mesh(4, 2), "topk", sparse=True)
+  def test_meshes_of_several_devices_default_to_the_sparse_step(self):
+    mesh = sharding.make_mesh(4, 2)
+    # (Membership is asserted as a bool: a failure message must not print the module.)
+    step, state = self._step_and_state(mesh, "mutual_choice")
+    x = jax.device_put(jax.random.normal(jax.random.key(3), (64, 16)),
+                       sharding.batch_sharding(mesh))
+    self.assertTrue(sharding.uses_sparse_step(self._configs("mutual_choice")[0], mesh))
+    # The dense step decodes a [b, f] code matrix (each device its block); the sparse
+    # step never forms one.
+    dense_step, _ = self._step_and_state(mesh, "mutual_choice", sparse=False)
+    decode = "tensor<64x64xf32>, tensor<64x16xf32>"  # codes [b, f] @ W_dec [f, d]
+    self.assertTrue(decode in dense_step.lower(state, x).as_text())
+    self.assertFalse(decode in step.lower(state, x).as_text())
+
+  def test_sparse_for_the_relu_baseline_is_refused(self):
+    with self.assertRaisesRegex(ValueError, "sparse=True needs an allocation in"):
+      self._step_and_state(sharding.make_mesh(4, 2), "relu", sparse=True)

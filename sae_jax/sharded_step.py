@@ -1,0 +1,454 @@
+"""The sparse SAE training step on a ("data", "model") mesh of any shape.
+
+:func:`sharded_sparse_step` computes the update of the dense reference
+:func:`sae_jax.train.train_step` (same selection, same parameters up to float32
+rounding) with the work of :func:`sae_jax.fast_step.fast_train_step` spread over
+devices: tokens over "data", the dictionary over "model". It runs inside
+``jax.shard_map``; each device holds ``[b / n_data, d]`` tokens, the encoder columns,
+decoder rows, Adam moments, usage statistics and thresholds of ``f / n_model`` features,
+and a replicated ``b_dec``. Nothing of size ``[b, f]`` is communicated:
+
+1. Selection, exact across shards (ties as in :mod:`sae_jax.allocation`). Each device
+   runs its encoder over chunks of its tokens and keeps per-chunk proposals, as the
+   one-device step does; then
+   * TopK (and the auxiliary top-``k_aux``): each token's local top-k proposals are
+     all-gathered over "model" and the token's top-k taken among them;
+   * Mutual Choice: the ``round(k * b)`` largest of all devices' per-token proposals by a
+     count bisection with a ``psum`` per step
+     (:func:`sae_jax.sharded_allocation.select_global_top_n`); when a token might need
+     more entries than it proposed on some device, every device recomputes its block
+     and the same search runs over all of it (exact, one block of pre-activations);
+   * Feature Choice (uniform or Zipf capacities): each feature's per-chunk top tokens
+     are all-gathered over "data" and the feature keeps its top ``capacity``. Zipf
+     capacities differ between the model shards, so each shard's static capacity tiers
+     (:func:`sae_jax.chunked_select.capacity_tiers`) form one branch of a ``lax.switch``
+     on the shard index, padded to a common length.
+   The result on each device is a flat list of ``(token, feature, pre-activation)``
+   triples of its own block (others marked invalid).
+2. Loss and gradients. The reconstruction is the ``psum`` over "model" of each device's
+   sparse decode; each device differentiates a local surrogate whose gradient with
+   respect to its own triples and decoder rows is its share of the global gradient
+   (the other shards' part of the reconstruction enters as a constant). Weight
+   gradients are scattered locally into the device's own features and reduced over
+   "data"; the loss value, usage counts and thresholds are reduced with ``psum`` /
+   ``pmin``. The formulas are those of :mod:`sae_jax.objective`.
+3. The in-place Adam update of :mod:`sae_jax.fused_adam` on each shard, clipped by the
+   global gradient norm.
+
+Auxiliary losses (aux_k, aux_zipf) take their candidates from the gathered usage
+statistics (the Zipf fit ranks every feature) and are skipped with ``lax.cond`` on
+steps without a candidate. Their entries are decoded as triples.
+
+Supported: every allocation of :data:`sae_jax.chunked_select.FAST_ALLOCATIONS`, float32,
+``b`` divisible by the data axis and ``f`` by the model axis. The ReLU+L1 baseline keeps
+every positive entry, a number that depends on the data, so it has no static sparse
+form and trains with the dense step.
+
+References:
+  Gao et al. 2024, "Scaling and evaluating sparse autoencoders", arXiv 2406.04093;
+  Ayonrinde 2024, "Adaptive Sparse Allocation with Mutual Choice & Feature Choice Sparse
+  Autoencoders", arXiv 2411.02124.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Float
+
+from sae_jax import allocation
+from sae_jax import chunked_select
+from sae_jax import fast_select
+from sae_jax import fast_step
+from sae_jax import fused_adam
+from sae_jax import losses
+from sae_jax import metrics
+from sae_jax import model
+from sae_jax import objective
+from sae_jax import params as sae_params
+from sae_jax import sharded_allocation
+from sae_jax import sparse
+from sae_jax import train
+from sae_jax.chunked_select import Selection
+
+DATA = "data"
+MODEL = "model"
+BOTH = (DATA, MODEL)
+
+
+def check_config(cfg: model.SAEConfig, mesh: Mesh, batch_size: int,
+                 chunk_tokens: int) -> int:
+  """Validates a configuration for the sharded sparse step; returns the chunk size.
+
+  Raises:
+    ValueError: unsupported allocation or dtype, a mesh without ("data", "model"), or a
+      batch / dictionary that does not divide over the mesh.
+  """
+  missing = [a for a in BOTH if a not in mesh.axis_names]
+  if missing:
+    raise ValueError(f"mesh must have axes ('data', 'model'); missing {missing} in "
+                     f"{mesh.axis_names}. Build it with sae_jax.sharding.make_mesh.")
+  n_data, n_model = mesh.shape[DATA], mesh.shape[MODEL]
+  if batch_size % n_data:
+    raise ValueError(f"batch size {batch_size} must be divisible by the data axis size "
+                     f"{n_data}; pick a multiple of {n_data}.")
+  if cfg.d_sae % n_model:
+    raise ValueError(f"d_sae={cfg.d_sae} must be divisible by the model axis size {n_model}.")
+  if cfg.allocation in ("batch_topk", "mutual_choice") and batch_size * cfg.d_sae >= 2**32:
+    raise ValueError(f"batch x d_sae = {batch_size * cfg.d_sae} entries; the sharded Mutual "
+                     "Choice indexes them with 32 bits. Use a smaller batch per step.")
+  return chunked_select.check_fast_config(cfg, batch_size // n_data, chunk_tokens)
+
+
+def _row_top(vals, cols, pre, k: int, col0, f_loc: int, n_model: int) -> Selection:
+  """Each token's top-k of the gathered local proposals; the entries of this shard valid."""
+  b_loc = vals.shape[0]
+  cols = cols.astype(jnp.int32)
+  if n_model > 1:
+    gather = lambda a: lax.all_gather(a, MODEL, axis=1, tiled=True)  # [b_loc, n_model * w]
+    vals, cols, pre = gather(vals), gather(cols + col0), gather(pre)
+    _, pos = lax.top_k(vals, k)  # gathered in device order = column order: ties -> lower
+    cols = jnp.take_along_axis(cols, pos, axis=1) - col0
+    pre = jnp.take_along_axis(pre, pos, axis=1)
+  mine = (cols >= 0) & (cols < f_loc)
+  return Selection(jnp.repeat(jnp.arange(b_loc, dtype=jnp.int32), k),
+                   jnp.clip(cols, 0, f_loc - 1).reshape(-1).astype(jnp.int32),
+                   pre.reshape(-1), mine.reshape(-1))
+
+
+def _compact(keep, rows, cols, pre, size: int) -> Selection:
+  """The kept entries of ``[r, c]`` candidate arrays as ``size`` triples (rest invalid)."""
+  flat = keep.reshape(-1)
+  pos = jnp.nonzero(flat, size=size, fill_value=0)[0]
+  valid = jnp.arange(size) < jnp.sum(flat, dtype=jnp.int32)
+  return Selection(rows.reshape(-1)[pos].astype(jnp.int32), cols.reshape(-1)[pos].astype(jnp.int32),
+                   pre.reshape(-1)[pos], valid)
+
+
+class _Layout:
+  """Static shapes of one device's selection (the same program runs on every device)."""
+
+  def __init__(self, cfg: model.SAEConfig, b: int, n_data: int, n_model: int, chunk: int):
+    self.b, self.n_data, self.n_model, self.chunk = b, n_data, n_model, chunk
+    self.b_loc, self.f_loc = b // n_data, cfg.d_sae // n_model
+    self.nc = self.b_loc // chunk
+    self.n = allocation.mutual_choice_budget(b, cfg.k)
+    self.kind = ("fc" if cfg.allocation in chunked_select.FEATURE_CHOICE
+                 else "topk" if cfg.allocation == "topk" else "mc")
+    if self.kind == "topk":
+      self.k = int(cfg.k)
+      self.width = min(self.k, self.f_loc)
+    elif self.kind == "mc":
+      self.width = min(self.f_loc, allocation.DEFAULT_CANDIDATE_FACTOR * math.ceil(cfg.k))
+      self.size = min(self.n, self.b_loc * self.f_loc)
+    else:
+      self.capacity_F = model.feature_capacities(cfg, b)
+      self.tiers = [chunked_select.capacity_tiers(
+          self.capacity_F[j * self.f_loc:(j + 1) * self.f_loc], chunk) for j in range(n_model)]
+      # Per shard: its proposals per chunk and its selected entries, padded to the widest.
+      self.proposals = [sum((t.stop - t.start) * t.width for t in ts) for ts in self.tiers]
+      self.entries = [sum((t.stop - t.start) * t.capacity for t in ts) for ts in self.tiers]
+      self.shared = all(ts == self.tiers[0] for ts in self.tiers)
+      self.size = max(self.entries)
+
+
+def _fc_proposals(scores_CxF, pre_CxF, row_base, *, tiers, pad: int):
+  """One chunk's per-feature top tokens for one shard's tiers, flat and padded."""
+  vals, rows, pre = [], [], []
+  for t in tiers:
+    v, r = fast_select.cols_topk(scores_CxF[:, t.start:t.stop], t.width)
+    feats = jnp.arange(t.start, t.stop, dtype=r.dtype)[:, None]
+    vals.append(v.reshape(-1))
+    rows.append((r + row_base).reshape(-1))
+    pre.append(pre_CxF[r, feats].reshape(-1))
+  out = [jnp.concatenate(a) if a else jnp.zeros((0,), dt)
+         for a, dt in ((vals, scores_CxF.dtype), (rows, jnp.int32), (pre, pre_CxF.dtype))]
+  fill = (-jnp.inf, 0, 0.0)
+  return tuple(jnp.pad(a, (0, pad - a.shape[0]), constant_values=c) for a, c in zip(out, fill))
+
+
+def _fc_decide(vals, rows, pre, capacity_loc, row0, *, tiers, lay: _Layout):
+  """One shard's Feature Choice from the gathered proposals ``[n_data, nc, pad]``."""
+  out_rows, out_cols, out_pre, out_valid = [], [], [], []
+  offset = 0
+  for t in tiers:
+    nf = t.stop - t.start
+    span = nf * t.width
+    arrange = lambda a: jnp.moveaxis(
+        a[..., offset:offset + span].reshape(lay.n_data, lay.nc, nf, t.width), 2, 0
+    ).reshape(nf, lay.n_data * lay.nc * t.width)
+    cand_vals, cand_rows, cand_pre = arrange(vals), arrange(rows), arrange(pre)
+    # Proposals by data shard, chunk, then value and row: the lower-position tie rule of
+    # lax.top_k picks the lower global row, as the dense path does.
+    _, pos = lax.top_k(cand_vals, t.capacity)
+    rows_FxM = jnp.take_along_axis(cand_rows, pos, axis=1) - row0
+    in_cap = jnp.arange(t.capacity)[None, :] < capacity_loc[t.start:t.stop, None]
+    valid = in_cap & (rows_FxM >= 0) & (rows_FxM < lay.b_loc)
+    out_rows.append(jnp.clip(rows_FxM, 0, lay.b_loc - 1).reshape(-1))
+    out_cols.append(jnp.repeat(jnp.arange(t.start, t.stop, dtype=jnp.int32), t.capacity))
+    out_pre.append(jnp.take_along_axis(cand_pre, pos, axis=1).reshape(-1))
+    out_valid.append(valid.reshape(-1))
+    offset += span
+  size = lay.size
+  parts = []
+  for a, fill in ((out_rows, 0), (out_cols, 0), (out_pre, 0.0), (out_valid, False)):
+    a = jnp.concatenate(a) if a else jnp.zeros((0,), jnp.int32)
+    parts.append(jnp.pad(a, (0, size - a.shape[0]), constant_values=fill))
+  rows_N, cols_N, pre_N, valid_N = parts
+  return Selection(rows_N.astype(jnp.int32), cols_N.astype(jnp.int32),
+                   pre_N.astype(pre.dtype), valid_N.astype(bool))
+
+
+def _select(p, x, cfg: model.SAEConfig, lay: _Layout, aux) -> tuple[Selection, Selection | None]:
+  """This device's selected triples (and auxiliary triples) with exact global decisions."""
+  row0 = lax.axis_index(DATA) * lay.b_loc
+  col0 = lax.axis_index(MODEL) * lay.f_loc
+  shard = lax.axis_index(MODEL)
+  p = lax.stop_gradient(p)
+  centred = (x.astype(jnp.float32) - p.b_dec).reshape(lay.nc, lay.chunk, -1)
+  pad = max(lay.proposals) if lay.kind == "fc" else 0
+
+  def per_chunk(args):
+    c, centred_CxD = args
+    out = {}
+    pre_CxF = chunked_select.chunk_pre(centred_CxD, p.W_enc, p.b_enc)
+    scores_CxF = chunked_select.selection_scores(pre_CxF, cfg)
+    if lay.kind == "fc":
+      base = row0 + c * lay.chunk
+      branches = [functools.partial(_fc_proposals, tiers=ts, pad=pad)
+                  for ts in (lay.tiers[:1] if lay.shared else lay.tiers)]
+      out["main"] = _by_shard(shard, branches, scores_CxF, pre_CxF, base)
+    else:
+      vals, cols = fast_select.rows_topk(scores_CxF, lay.width)
+      out["main"] = (vals, cols, jnp.take_along_axis(pre_CxF, cols, axis=1))
+    if aux is not None:
+      cand_loc, weights_loc, k_aux_loc, _ = aux
+      vals, cols = fast_select.rows_topk(losses.aux_scores(pre_CxF, cand_loc, weights_loc),
+                                         k_aux_loc)
+      out["aux"] = (vals, cols, jnp.take_along_axis(pre_CxF, cols, axis=1))
+    return out
+
+  outs = lax.map(per_chunk, (jnp.arange(lay.nc, dtype=jnp.int32), centred))
+  flat_rows = lambda a: a.reshape(lay.b_loc, -1)
+  if lay.kind == "topk":
+    vals, cols, pre = (flat_rows(a) for a in outs["main"])
+    main = _row_top(vals, cols, pre, lay.k, col0, lay.f_loc, lay.n_model)
+  elif lay.kind == "mc":
+    vals, cols, pre = (flat_rows(a) for a in outs["main"])
+    main = _mutual_choice(vals, cols, pre, centred, p, cfg, lay, row0, col0)
+  else:
+    vals, rows, pre = (lax.all_gather(a, DATA, axis=0, tiled=False) for a in outs["main"])
+    branches = [functools.partial(_fc_decide, tiers=ts, lay=lay)
+                for ts in (lay.tiers[:1] if lay.shared else lay.tiers)]
+    capacity_loc = lax.dynamic_slice_in_dim(jnp.asarray(lay.capacity_F, jnp.int32), col0,
+                                            lay.f_loc)
+    main = _by_shard(shard, branches, vals, rows, pre, capacity_loc, row0)
+  aux_sel = None
+  if aux is not None:
+    vals, cols, pre = (flat_rows(a) for a in outs["aux"])
+    aux_sel = _row_top(vals, cols, pre, aux[3], col0, lay.f_loc, lay.n_model)
+  return main, aux_sel
+
+
+def _by_shard(shard, branches, *args):
+  """``branches[shard](*args)``: one branch per model shard's static layout, or one for all."""
+  if len(branches) == 1:
+    return branches[0](*args)
+  return lax.switch(shard, branches, *args)
+
+
+def _mutual_choice(vals, cols, pre, centred, p, cfg, lay: _Layout, row0, col0) -> Selection:
+  """Exactly the ``round(k * b)`` largest scores over the mesh, as this device's triples."""
+  rows = jnp.broadcast_to(jnp.arange(lay.b_loc, dtype=jnp.int32)[:, None], vals.shape)
+  f = lay.f_loc * lay.n_model
+
+  def decide(vals_RxC, cols_RxC):
+    keys = fast_select.sortable_key(vals_RxC)
+    flat = ((row0 + rows[:, :1]).astype(jnp.uint32) * jnp.uint32(f)
+            + col0.astype(jnp.uint32) + cols_RxC.astype(jnp.uint32))
+    return sharded_allocation.select_global_top_n(keys, flat, lay.n, BOTH)
+
+  def whole_block(_):
+    pre_BxF = lax.map(lambda c: chunked_select.chunk_pre(c, p.W_enc, p.b_enc),
+                      centred).reshape(lay.b_loc, lay.f_loc)
+    all_cols = jnp.broadcast_to(jnp.arange(lay.f_loc, dtype=jnp.int32)[None, :], pre_BxF.shape)
+    keep = decide(chunked_select.selection_scores(pre_BxF, cfg), all_cols)
+    every_row = jnp.broadcast_to(rows[:, :1], pre_BxF.shape)
+    return _compact(keep, every_row, all_cols, pre_BxF, lay.size)
+
+  if lay.width >= lay.f_loc:
+    return whole_block(None)
+  keep = decide(vals, cols)
+  # A token whose proposals on some device were all kept might deserve more of them.
+  saturated = lax.psum(jnp.any(jnp.all(keep, axis=1)).astype(jnp.int32), BOTH) > 0
+  return lax.cond(saturated, whole_block,
+                  lambda _: _compact(keep, rows, cols, pre, lay.size), None)
+
+
+def _surrogate(dec, pre_N, aux_pre_N, x, variance, sel: Selection, aux_sel, aux, cfg, tcfg,
+               b: int):
+  """This device's share of the loss: its gradient is this device's part of the gradient.
+
+  The reconstruction of a token is the sum over model shards of their decodes; the other
+  shards' part enters as a constant. Returns the surrogate and this device's partial sums
+  for the loss value: ``(codes, squared_error, l1, aux_squared_error, aux_variance)``.
+  """
+  W_dec, b_dec = dec
+  b_loc = x.shape[0]
+  codes_N = jnp.where(sel.valid, jax.nn.relu(pre_N), jnp.zeros_like(pre_N))
+  part = sparse.sparse_decode(codes_N, sel.rows, sel.cols, W_dec, b_loc)
+  recon = part + lax.stop_gradient(lax.psum(part, MODEL) - part) + b_dec
+  squared_error = jnp.sum(jnp.square(recon - x))
+  local = squared_error / variance
+  l1 = jnp.zeros((), jnp.float32)
+  if cfg.l1_coefficient > 0:
+    l1 = jnp.sum(jnp.abs(codes_N) * losses.decoder_row_norms(W_dec)[sel.cols]) / b
+    local = local + cfg.l1_coefficient * l1
+  aux_sq = aux_var = jnp.zeros((), jnp.float32)
+  if aux_sel is not None:
+    cand_loc, weights_loc, any_cand, _ = aux
+    scores_N = losses.aux_scores(aux_pre_N, cand_loc[aux_sel.cols],
+                                 None if weights_loc is None else weights_loc[aux_sel.cols])
+    aux_codes_N = jnp.where(aux_sel.valid, jax.nn.relu(scores_N), 0.0)
+    residual = x - lax.stop_gradient(recon)
+    aux_part = sparse.sparse_decode(aux_codes_N, aux_sel.rows, aux_sel.cols, W_dec, b_loc)
+    residual_hat = aux_part + lax.stop_gradient(lax.psum(aux_part, MODEL) - aux_part)
+    aux_sq = jnp.sum(jnp.square(residual_hat - residual))
+    mean = lax.psum(jnp.sum(residual, axis=0), DATA) / b
+    aux_var = lax.stop_gradient(lax.psum(jnp.sum(jnp.square(residual - mean)), DATA))
+    local = local + tcfg.aux_coefficient * losses.residual_loss(aux_sq, aux_var, any_cand)
+  return local, (codes_N, squared_error, l1, aux_sq, aux_var)
+
+
+def _local_step(state: train.TrainState, x, aux_in, cfg: model.SAEConfig,
+                tcfg: train.TrainConfig, lay: _Layout):
+  """The step on one device's block; ``aux_in`` = (candidates, weights, any) or None."""
+  p = state.params
+  x32 = x.astype(jnp.float32)
+  aux = None
+  if aux_in is not None:
+    cand_loc, weights_loc, any_cand = aux_in
+    k_aux = objective.k_aux(cfg, tcfg)
+    aux = (cand_loc, weights_loc, min(k_aux, lay.f_loc), k_aux)
+  sel, aux_sel = _select(p, x32, cfg, lay, aux)
+  mean = lax.psum(jnp.sum(x32, axis=0), DATA) / lay.b
+  variance = lax.psum(jnp.sum(jnp.square(x32 - mean)), DATA)
+  aux_args = None if aux_in is None else (aux_in[0], aux_in[1], aux_in[2], None)
+  (_, (codes_N, sq, l1, aux_sq, aux_var)), (g_dec, g_pre, g_aux_pre) = jax.value_and_grad(
+      _surrogate, argnums=(0, 1, 2), has_aux=True)(
+          (p.W_dec, p.b_dec), sel.pre, None if aux_sel is None else aux_sel.pre, x32,
+          variance, sel, aux_sel, aux_args, cfg, tcfg, lay.b)
+  nmse = lax.psum(sq, DATA) / variance
+  l1_total = lax.psum(l1, BOTH) if cfg.l1_coefficient > 0 else None
+  aux_loss = jnp.zeros((), jnp.float32)
+  rows, cols, dpre = sel.rows, sel.cols, g_pre
+  if aux_sel is not None:
+    aux_loss = losses.residual_loss(lax.psum(aux_sq, DATA), aux_var, aux_in[2])
+    rows, cols, dpre = (jnp.concatenate(a) for a in ((rows, aux_sel.rows),
+                                                       (cols, aux_sel.cols), (dpre, g_aux_pre)))
+  loss = objective.total_loss(nmse, l1_total, aux_loss, cfg, tcfg)
+  dW_enc, db_enc, db_dec_enc = sparse.encoder_grads(x32, p.W_enc, p.b_dec, rows, cols, dpre)
+  grads = sae_params.SAEParams(
+      W_enc=lax.psum(dW_enc, DATA), b_enc=lax.psum(db_enc, DATA),
+      W_dec=lax.psum(g_dec[0], DATA),
+      b_dec=lax.psum(g_dec[1], DATA) + lax.psum(db_dec_enc, BOTH))
+  new_params, opt_state, grad_norm = fused_adam.update(
+      p, grads, state.opt_state, tcfg, sum_over_shards=lambda v: lax.psum(v, MODEL))
+  codes_N = lax.stop_gradient(codes_N)
+  counts = lax.psum(fast_step.feature_counts(sel, codes_N, lay.f_loc), DATA)
+  usage = metrics.feature_usage_from_counts(state.usage, counts, lay.b, decay=tcfg.usage_decay)
+  batch_min = fast_step.batch_min(state.threshold, sel, codes_N, cfg)
+  batch_min = lax.pmin(batch_min, DATA if objective.per_feature_threshold(cfg) else BOTH)
+  threshold = objective.threshold_from_batch_min(state.threshold, batch_min,
+                                                 tcfg.threshold_decay)
+  l0 = lax.psum(jnp.sum(codes_N > 0, dtype=jnp.int32), BOTH).astype(jnp.float32) / lay.b
+  step_metrics = objective.step_metrics(
+      loss=loss, nmse=nmse, aux=aux_loss, l0=l0, usage=usage, tcfg=tcfg,
+      learning_rate=train.learning_rate_schedule(tcfg)(state.step), grad_norm=grad_norm,
+      batch_finite=lax.pmin(jnp.all(jnp.isfinite(x)).astype(jnp.float32), DATA))
+  step_metrics["dead_fraction"] = lax.pmean(step_metrics["dead_fraction"], MODEL)
+  return (train.TrainState(new_params, opt_state, usage, threshold, state.step + 1),
+          step_metrics)
+
+
+def _gathered_usage(usage: metrics.FeatureUsageState) -> metrics.FeatureUsageState:
+  return metrics.FeatureUsageState(
+      lax.all_gather(usage.density_ema, MODEL, tiled=True),
+      lax.all_gather(usage.tokens_since_fired, MODEL, tiled=True), usage.num_tokens)
+
+
+def _device_step(state, x, cfg, tcfg, lay: _Layout):
+  cands = objective.aux_candidates(_gathered_usage(state.usage), tcfg)
+  if cands is None:
+    return _local_step(state, x, None, cfg, tcfg, lay)
+  cand_F, weights_F = cands
+  col0 = lax.axis_index(MODEL) * lay.f_loc
+  local = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, col0, lay.f_loc)
+  aux_in = (local(cand_F), local(weights_F), jnp.any(cand_F))
+  return lax.cond(aux_in[2],
+                  lambda s, v: _local_step(s, v, aux_in, cfg, tcfg, lay),
+                  lambda s, v: _local_step(s, v, None, cfg, tcfg, lay), state, x)
+
+
+def sharded_sparse_step(state: train.TrainState, x: Float[Array, "b d"],
+                        cfg: model.SAEConfig, tcfg: train.TrainConfig, mesh: Mesh,
+                        state_specs, chunk_tokens: int = chunked_select.DEFAULT_CHUNK_TOKENS
+                        ) -> tuple[train.TrainState, dict[str, Array]]:
+  """One training step of the sparse path over ``mesh``; same update as ``train_step``.
+
+  Jit it with the state's shardings (``sharding.jit_sharded_step`` does, and picks this
+  step on every mesh of several devices); ``state_specs`` are the state's
+  ``PartitionSpec`` tree (``sharding.state_shardings``' specs).
+
+  Args:
+    state: the sharded training state.
+    x: batch ``[b, d]``, sharded over "data".
+    cfg: SAE configuration (allocation in ``FAST_ALLOCATIONS``, float32).
+    tcfg: optimisation settings.
+    mesh: the ("data", "model") mesh.
+    state_specs: PartitionSpecs of ``state``.
+    chunk_tokens: static maximum tokens per encoder chunk on each device.
+
+  Returns:
+    ``(new_state, metrics)`` with the metrics of ``train.train_step``, replicated.
+  """
+  b = x.shape[0]
+  chunk = check_config(cfg, mesh, b, chunk_tokens)
+  lay = _Layout(cfg, b, mesh.shape[DATA], mesh.shape[MODEL], chunk)
+  fn = functools.partial(_device_step, cfg=cfg, tcfg=tcfg, lay=lay)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(state_specs, P(DATA, None)),
+                       out_specs=(state_specs, P()), check_vma=False)(state, x)
+
+
+def selection_mask(params: sae_params.SAEParams, x: Float[Array, "b d"], cfg: model.SAEConfig,
+                   mesh: Mesh, chunk_tokens: int = chunked_select.DEFAULT_CHUNK_TOKENS):
+  """The ``[b, f]`` mask the sharded sparse step selects, sharded ``P("data", "model")``.
+
+  Equal to ``model.allocate(model.encode_pre(params, x, cfg), cfg)`` (ties included);
+  for tests and inspection, the step itself never forms it. Jitted once per
+  configuration, mesh and shapes.
+  """
+  check_config(cfg, mesh, x.shape[0], chunk_tokens)
+  return _jit_selection_mask(params, x, cfg, mesh, chunk_tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "chunk_tokens"))
+def _jit_selection_mask(params, x, cfg, mesh, chunk_tokens):
+  b = x.shape[0]
+  lay = _Layout(cfg, b, mesh.shape[DATA], mesh.shape[MODEL],
+                check_config(cfg, mesh, b, chunk_tokens))
+
+  def block(p, x_loc):
+    sel, _ = _select(p, x_loc, cfg, lay, None)
+    return jnp.zeros((lay.b_loc, lay.f_loc), bool).at[sel.rows, sel.cols].max(sel.valid)
+
+  specs = sae_params.SAEParams(W_enc=P(None, MODEL), b_enc=P(MODEL), W_dec=P(MODEL, None),
+                               b_dec=P())
+  return jax.shard_map(block, mesh=mesh, in_specs=(specs, P(DATA, None)),
+                       out_specs=P(DATA, MODEL), check_vma=False)(params, x)

@@ -1,0 +1,149 @@
+"""The sparse step on 8 simulated devices against the dense reference on one.
+
+Every allocation of the sparse path and both auxiliary losses, on meshes 8x1, 2x4 and
+1x8 ("data" x "model"): the selection equals the dense mask entry for entry, and after
+several steps the parameters, usage statistics, thresholds and metrics equal the dense
+step's to float32 rounding (sums over devices run in another order).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import parameterized
+
+from sae_jax import model
+from sae_jax import sharded_step
+from sae_jax import sharding
+from sae_jax import train
+
+D, F, B = 16, 64, 64
+MESHES = ((8, 1), (2, 4), (1, 8))
+
+
+def _configs(allocation, aux="none", weighted=False, k=4):
+  cfg = model.SAEConfig(d_model=D, d_sae=F, allocation=allocation, k=k)
+  # dead_after_tokens of one batch: features left out of a batch are aux_k candidates.
+  tcfg = train.TrainConfig(learning_rate=3e-3, warmup_steps=1, total_steps=20,
+                           aux_loss=aux, dead_after_tokens=B, zipf_weighted=weighted)
+  return cfg, tcfg
+
+
+def _batches(n, seed=0):
+  return [jax.random.normal(jax.random.key(seed + i), (B, D)) for i in range(n)]
+
+
+def _train(cfg, tcfg, mesh, xs, sparse):
+  state = sharding.init_sharded_state(jax.random.key(0), cfg, tcfg, mesh)
+  step = sharding.jit_sharded_step(cfg, tcfg, mesh, jax.eval_shape(lambda: state),
+                                   sparse=sparse)
+  history = []
+  for x in xs:
+    state, m = step(state, jax.device_put(x, sharding.batch_sharding(mesh)))
+    history.append({k: float(v) for k, v in m.items()})
+  return jax.device_get(state), history
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(allocation, aux, weighted):
+  cfg, tcfg = _configs(allocation, aux, weighted)
+  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+  return _train(cfg, tcfg, mesh, _batches(3), sparse=False)
+
+
+def _assert_states_close(ref, got):
+  for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(got.params)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-6)
+  np.testing.assert_array_equal(got.usage.tokens_since_fired, ref.usage.tokens_since_fired)
+  np.testing.assert_allclose(got.usage.density_ema, ref.usage.density_ema, atol=1e-7)
+  np.testing.assert_allclose(got.threshold, ref.threshold, rtol=1e-5)
+
+
+class ShardedSparseStepTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      ("topk", "none", False, MESHES), ("mutual_choice", "none", False, MESHES),
+      ("feature_choice", "none", False, MESHES), ("feature_choice_zipf", "none", False, MESHES),
+      ("topk", "aux_k", False, ((2, 4),)), ("mutual_choice", "aux_zipf", False, ((2, 4),)),
+      ("feature_choice_zipf", "aux_zipf", True, ((1, 8),)))
+  def test_every_mesh_matches_the_dense_step(self, allocation, aux, weighted, meshes):
+    ref, ref_metrics = _reference(allocation, aux, weighted)
+    cfg, tcfg = _configs(allocation, aux, weighted)
+    if aux != "none":  # the auxiliary loss really runs
+      self.assertGreater(max(m["aux_loss"] for m in ref_metrics), 0)
+    for shape in meshes:
+      with self.subTest(mesh=shape):
+        got, got_metrics = _train(cfg, tcfg, sharding.make_mesh(*shape), _batches(3), None)
+        _assert_states_close(ref, got)
+        for r, g in zip(ref_metrics, got_metrics):
+          self.assertEqual(set(r), set(g))
+          for name in r:
+            np.testing.assert_allclose(g[name], r[name], rtol=2e-5, atol=1e-6, err_msg=name)
+
+  @parameterized.parameters("topk", "mutual_choice", "feature_choice", "feature_choice_zipf")
+  def test_selection_equals_the_dense_mask(self, allocation):
+    cfg, tcfg = _configs(allocation)
+    params = train.init_train_state(jax.random.key(1), cfg, tcfg).params
+    x = jax.random.normal(jax.random.key(2), (B, D))
+    dense = np.asarray(model.allocate(model.encode_pre(params, x, cfg), cfg))
+    for shape in MESHES:
+      mesh = sharding.make_mesh(*shape)
+      p = jax.device_put(params, sharding.state_shardings(
+          train.init_train_state(jax.random.key(1), cfg, tcfg), mesh).params)
+      got = sharded_step.selection_mask(p, jax.device_put(x, sharding.batch_sharding(mesh)),
+                                        cfg, mesh, chunk_tokens=16)
+      np.testing.assert_array_equal(np.asarray(got), dense, err_msg=str(shape))
+
+  @parameterized.parameters("topk", "mutual_choice", "feature_choice", "feature_choice_zipf")
+  def test_ties_and_duplicates(self, allocation):
+    """Duplicated tokens and features, and all-equal scores: ties go where the dense rule
+    sends them (lower column, row-major index, lower row)."""
+    cfg, tcfg = _configs(allocation)
+    params = train.init_train_state(jax.random.key(1), cfg, tcfg).params
+    W_enc = params.W_enc.at[:, 8:16].set(params.W_enc[:, :8])      # duplicated features
+    W_enc = W_enc.at[:, 40:48].set(params.W_enc[:, 0:8])            # ... across shards
+    x = jax.random.normal(jax.random.key(2), (B, D))
+    x = x.at[32:48].set(x[:16])                                      # duplicated tokens
+    for p in (params._replace(W_enc=W_enc, b_enc=params.b_enc.at[8:16].set(params.b_enc[:8])
+                                                      .at[40:48].set(params.b_enc[:8])),
+              params._replace(W_enc=jnp.zeros_like(W_enc), b_enc=jnp.ones_like(params.b_enc))):
+      dense = np.asarray(model.allocate(model.encode_pre(p, x, cfg), cfg))
+      for shape in ((2, 4), (1, 8)):
+        mesh = sharding.make_mesh(*shape)
+        got = sharded_step.selection_mask(p, x, cfg, mesh, chunk_tokens=8)
+        np.testing.assert_array_equal(np.asarray(got), dense, err_msg=str(shape))
+
+  def test_mutual_choice_token_beyond_its_proposals_falls_back_exactly(self):
+    """One token with a huge norm takes more than its 4k proposals on one device."""
+    cfg, tcfg = _configs("mutual_choice", k=2)
+    params = train.init_train_state(jax.random.key(1), cfg, tcfg).params
+    x = jax.random.normal(jax.random.key(2), (B, D)).at[5].mul(1e3)
+    dense = np.asarray(model.allocate(model.encode_pre(params, x, cfg), cfg))
+    self.assertGreater(dense[5].sum(), 8)  # more than 4 * k entries for token 5
+    for shape in MESHES:
+      got = sharded_step.selection_mask(params, x, cfg, sharding.make_mesh(*shape))
+      np.testing.assert_array_equal(np.asarray(got), dense, err_msg=str(shape))
+
+  def test_zipf_capacities_take_one_branch_per_model_shard(self):
+    """Zipf capacities give each model shard its own static tiers, chosen by a switch on
+    the shard index; uniform capacities share one layout and need none."""
+    mesh = sharding.make_mesh(2, 4)
+    x = jax.random.normal(jax.random.key(2), (B, D))
+
+    def lowered(allocation):
+      cfg, tcfg = _configs(allocation)
+      params = train.init_train_state(jax.random.key(1), cfg, tcfg).params
+      return jax.jit(lambda p, v: sharded_step.selection_mask(p, v, cfg, mesh)).lower(
+          params, x).as_text()
+
+    self.assertIn("stablehlo.case", lowered("feature_choice_zipf"))
+    self.assertNotIn("stablehlo.case", lowered("feature_choice"))
+
+  def test_bad_shapes_for_the_mesh(self):
+    cfg, _ = _configs("topk")
+    with self.assertRaisesRegex(ValueError, "batch size 60 must be divisible by the data"):
+      sharded_step.check_config(cfg, sharding.make_mesh(8, 1), 60, 512)
+    with self.assertRaisesRegex(ValueError, "d_sae=60 must be divisible by the model"):
+      sharded_step.check_config(model.SAEConfig(d_model=D, d_sae=60, k=4),
+                                sharding.make_mesh(1, 8), 64, 512)
