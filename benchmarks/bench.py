@@ -29,6 +29,8 @@ RUNS = (  # (module, arguments)
     ("fit_loop", []),
     ("resnet_torch", []),
 )
+# Benchmarks that must start JAX themselves (8 simulated devices), each in its own process.
+PROCESS_RUNS = (("sharded_step", []),)
 # The SAE step once more in fresh processes with other glibc malloc settings. XLA:CPU
 # allocates its temporaries on every call; with the default settings glibc maps these
 # large buffers fresh each time and first-touch page faults cost the step up to 0.5 s
@@ -59,6 +61,7 @@ def collect() -> dict:
   alloc, prune = _load("allocation", notes), _load("pruning", notes)
   step, torch = _load("sae_step", notes), _load("resnet_torch", notes)
   fit_loop = _load("fit_loop", notes)
+  sharded = _load("sharded_step", notes)
   env_steps = {suffix: _load(f"sae_step_{suffix}", notes) for suffix in ENV_RUNS}
   row = next((r for r in alloc.get("rows", []) if r.get("F") == 32768), None)
   ratios = (row or {}).get("ratio_to_lax_top_k_rows", {})
@@ -87,6 +90,8 @@ def collect() -> dict:
       "fc_step_peak_mem_vs_state": step.get("fc_step_peak_mem_vs_state"),
       **{f"{a}_step_vs_matmul_{suffix}": res.get(f"{a}_step_vs_matmul")
          for suffix, res in env_steps.items() for a in ("topk", "mc", "fc")},
+      "sharded_sparse_vs_dense_flops": sharded.get("sharded_sparse_vs_dense_flops"),
+      "sharded_step_peak_mem_vs_state": sharded.get("sharded_step_peak_mem_vs_state"),
       "fit_vs_bare_step": fit_loop.get("fit_vs_bare_step"),
       "fit_vs_bare_step_small": fit_loop.get("fit_vs_bare_step_small"),
       "resnet20_jax_vs_torch": torch.get("resnet20_jax_vs_torch"),
@@ -118,6 +123,7 @@ def collect() -> dict:
                               "rounds (fit_loop.json)",
           "fit_vs_bare_step_small": "the same at B=512, d=384, F=1536, k=32 over steps "
                                     "2..200, where per-step host work in the loop shows",
+          **sharded.get("definitions", {}),
           "dnr_overhead": "ResNet-20 train step with DNR / without, minus 1 (pruning.json)",
           "ap_overhead": "AP selection / one reference training cycle (pruning.json)",
       },
@@ -135,6 +141,9 @@ def main(argv=None) -> dict:
     for module, module_args in RUNS:
       print(f"== benchmarks.{module} {' '.join(module_args)}", flush=True)
       importlib.import_module(f"benchmarks.{module}").main(module_args)
+    for module, module_args in PROCESS_RUNS:
+      print(f"== benchmarks.{module} {' '.join(module_args)} (own process)", flush=True)
+      subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *module_args], check=True)
     for env, module, module_args in ENV_RUNS.values():
       print(f"== {' '.join(f'{k}={v}' for k, v in env.items())} benchmarks.{module} "
             f"{' '.join(module_args)}", flush=True)

@@ -31,7 +31,8 @@ chosen per static shape by :func:`aux_form` (same result up to float32 rounding)
 
 Supported: allocations "topk", "batch_topk"/"mutual_choice", "feature_choice" and
 "feature_choice_zipf" (capacities in static tiers, :func:`chunked_select.capacity_tiers`),
-float32 compute and parameters, one device (no mesh).
+float32 compute and parameters, one device (no mesh; :mod:`sae_jax.sharded_step` runs the
+same work on a mesh).
 
 References:
   Gao et al. 2024, "Scaling and evaluating sparse autoencoders", arXiv 2406.04093;

@@ -107,7 +107,8 @@ def uses_sparse_step(cfg: model.SAEConfig, mesh: Mesh, sparse: bool | None = Non
 
 
 def jit_sharded_step(cfg: model.SAEConfig, tcfg: train.TrainConfig, mesh: Mesh,
-                     state_shape: train.TrainState, sparse: bool | None = None):
+                     state_shape: train.TrainState, sparse: bool | None = None,
+                     chunk_tokens: int = fast_step.DEFAULT_CHUNK_TOKENS):
   """The training step jitted once with explicit in/out shardings and a donated state.
 
   By default a sparse step runs wherever it supports the configuration (every
@@ -116,6 +117,9 @@ def jit_sharded_step(cfg: model.SAEConfig, tcfg: train.TrainConfig, mesh: Mesh,
   :func:`sae_jax.sharded_step.sharded_sparse_step`; both make the update of the dense
   :func:`sae_jax.train.train_step` to float32 rounding at a fraction of its cost. The
   dense step runs otherwise, or whenever ``sparse=False``.
+
+  ``chunk_tokens`` is the sparse steps' largest chunk of tokens per encoder pass on
+  each device (peak memory holds a few ``[chunk, f / n_model]`` blocks).
 
   Returns ``step(state, x) -> (state, metrics)``; ``x`` is ``[b, d]`` with b divisible
   by the data axis size. The same settings and state shapes return the same jitted
@@ -131,17 +135,18 @@ def jit_sharded_step(cfg: model.SAEConfig, tcfg: train.TrainConfig, mesh: Mesh,
         f" param_dtype={jax.numpy.dtype(cfg.param_dtype).name}. Pass sparse=None to choose "
         "automatically.")
   use_sparse = uses_sparse_step(cfg, mesh, sparse)
-  cache_key = ("step", cfg, tcfg, mesh, use_sparse, _shape_key(state_shape))
+  cache_key = ("step", cfg, tcfg, mesh, use_sparse, chunk_tokens, _shape_key(state_shape))
   if cache_key in _PROGRAMS:
     return _PROGRAMS[cache_key]
   shardings = state_shardings(state_shape, mesh)
   replicated = NamedSharding(mesh, P())
   if use_sparse and mesh.size == 1:
-    step = functools.partial(fast_step.fast_train_step, cfg=cfg, tcfg=tcfg)
+    step = functools.partial(fast_step.fast_train_step, cfg=cfg, tcfg=tcfg,
+                             chunk_tokens=chunk_tokens)
   elif use_sparse:
     specs = jax.tree.map(lambda s: s.spec, shardings)
     step = functools.partial(sharded_step.sharded_sparse_step, cfg=cfg, tcfg=tcfg, mesh=mesh,
-                             state_specs=specs)
+                             state_specs=specs, chunk_tokens=chunk_tokens)
   else:
     step = functools.partial(train.train_step, cfg=cfg, tcfg=tcfg, mesh=mesh)
   _PROGRAMS[cache_key] = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
