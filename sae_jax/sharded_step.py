@@ -16,8 +16,8 @@ and a replicated ``b_dec``. Nothing of size ``[b, f]`` is communicated:
    * Mutual Choice: the ``round(k * b)`` largest of all devices' per-token proposals by a
      count bisection with a ``psum`` per step
      (:func:`sae_jax.sharded_allocation.select_global_top_n`); when a token might need
-     more entries than it proposed on some device, every device recomputes its block
-     and the same search runs over all of it (exact, one block of pre-activations);
+     more entries than it proposed on some device, the same searches run over every
+     device's recomputed chunks (exact; memory one chunk, about 66 encoder passes);
    * Feature Choice (uniform or Zipf capacities): each feature's per-chunk top tokens
      are all-gathered over "data" and the feature keeps its top ``capacity``. Zipf
      capacities differ between the model shards, so each shard's static capacity tiers
@@ -267,28 +267,68 @@ def _mutual_choice(vals, cols, pre, centred, p, cfg, lay: _Layout, row0, col0) -
   """Exactly the ``round(k * b)`` largest scores over the mesh, as this device's triples."""
   rows = jnp.broadcast_to(jnp.arange(lay.b_loc, dtype=jnp.int32)[:, None], vals.shape)
   f = lay.f_loc * lay.n_model
-
-  def decide(vals_RxC, cols_RxC):
-    keys = fast_select.sortable_key(vals_RxC)
-    flat = ((row0 + rows[:, :1]).astype(jnp.uint32) * jnp.uint32(f)
-            + col0.astype(jnp.uint32) + cols_RxC.astype(jnp.uint32))
-    return sharded_allocation.select_global_top_n(keys, flat, lay.n, BOTH)
-
-  def whole_block(_):
-    pre_BxF = lax.map(lambda c: chunked_select.chunk_pre(c, p.W_enc, p.b_enc),
-                      centred).reshape(lay.b_loc, lay.f_loc)
-    all_cols = jnp.broadcast_to(jnp.arange(lay.f_loc, dtype=jnp.int32)[None, :], pre_BxF.shape)
-    keep = decide(chunked_select.selection_scores(pre_BxF, cfg), all_cols)
-    every_row = jnp.broadcast_to(rows[:, :1], pre_BxF.shape)
-    return _compact(keep, every_row, all_cols, pre_BxF, lay.size)
-
-  if lay.width >= lay.f_loc:
-    return whole_block(None)
-  keep = decide(vals, cols)
+  keys = fast_select.sortable_key(vals)
+  flat = ((row0 + rows).astype(jnp.uint32) * jnp.uint32(f) + col0.astype(jnp.uint32)
+          + cols.astype(jnp.uint32))
+  keep = sharded_allocation.select_global_top_n(keys, flat, lay.n, BOTH)
+  fast = lambda _: _compact(keep, rows, cols, pre, lay.size)
+  if lay.width >= lay.f_loc:  # every entry of the block was proposed
+    return fast(None)
   # A token whose proposals on some device were all kept might deserve more of them.
   saturated = lax.psum(jnp.any(jnp.all(keep, axis=1)).astype(jnp.int32), BOTH) > 0
-  return lax.cond(saturated, whole_block,
-                  lambda _: _compact(keep, rows, cols, pre, lay.size), None)
+  exact = lambda _: _mutual_choice_exact(centred, p, cfg, lay, row0, col0)
+  return lax.cond(saturated, exact, fast, None)
+
+
+def _mutual_choice_exact(centred, p, cfg, lay: _Layout, row0, col0) -> Selection:
+  """Mutual Choice by threshold searches over recomputed chunks (memory: one chunk).
+
+  The largest key ``t`` with at least ``n`` keys at or above it over the mesh, then among
+  the keys equal to ``t`` the ones with the lowest global flat indices, both by count
+  bisections with a ``psum`` per step (about 66 encoder passes over the device's chunks);
+  then one more pass collects the kept entries. Runs only when the per-token proposals
+  cannot be shown exact.
+  """
+  f = lay.f_loc * lay.n_model
+  bc, f_loc = lay.chunk, lay.f_loc
+  local_rows = jnp.arange(bc, dtype=jnp.uint32)[:, None]
+  local_cols = jnp.arange(f_loc, dtype=jnp.uint32)[None, :]
+
+  def chunk(c):
+    pre = chunked_select.chunk_pre(centred[c], p.W_enc, p.b_enc)
+    keys = fast_select.sortable_key(chunked_select.selection_scores(pre, cfg))
+    flat = ((row0 + c * bc).astype(jnp.uint32) + local_rows) * jnp.uint32(f) + (
+        col0.astype(jnp.uint32) + local_cols)
+    return keys, flat, pre
+
+  def count(pred):
+    local = lax.fori_loop(0, lay.nc, lambda c, acc: acc + jnp.sum(
+        pred(*chunk(c)[:2]), dtype=jnp.int32), jnp.int32(0))
+    return lax.psum(local, BOTH)
+
+  t = fast_select.bisect_uint32(lambda u: count(lambda k, _: k >= u), lay.n)
+  need = lay.n - count(lambda k, _: k > t)
+  # Ties at t: the `need` lowest flat indices, i.e. the largest complements ~flat.
+  u_inv = fast_select.bisect_uint32(lambda u: count(lambda k, fl: (k == t) & (~fl >= u)),
+                                    need)
+  m = min(lay.size, bc * f_loc)
+
+  def collect(c, carry):
+    before, rows_N, cols_N, pre_N = carry
+    keys, flat, pre = chunk(c)
+    kept = ((keys > t) | ((keys == t) & (~flat >= u_inv) & (need > 0))).reshape(-1)
+    pos = jnp.nonzero(kept, size=m, fill_value=0)[0].astype(jnp.int32)
+    n_kept = jnp.sum(kept, dtype=jnp.int32)
+    slot = jnp.where(jnp.arange(m) < n_kept, before + jnp.arange(m, dtype=jnp.int32), lay.size)
+    rows_N = rows_N.at[slot].set(c * bc + pos // f_loc, mode="drop")
+    cols_N = cols_N.at[slot].set(pos % f_loc, mode="drop")
+    pre_N = pre_N.at[slot].set(pre.reshape(-1)[pos], mode="drop")
+    return before + n_kept, rows_N, cols_N, pre_N
+
+  init = (jnp.int32(0), jnp.zeros((lay.size,), jnp.int32), jnp.zeros((lay.size,), jnp.int32),
+          jnp.zeros((lay.size,), p.W_enc.dtype))
+  total, rows_N, cols_N, pre_N = lax.fori_loop(0, lay.nc, collect, init)
+  return Selection(rows_N, cols_N, pre_N, jnp.arange(lay.size) < total)
 
 
 def _surrogate(dec, pre_N, aux_pre_N, x, variance, sel: Selection, aux_sel, aux, cfg, tcfg,
