@@ -65,10 +65,16 @@ class Selection(NamedTuple):
   valid: Bool[Array, "n"]
 
 
+# Compute and parameter dtypes of the sparse steps. With bfloat16 compute the encoder's
+# inputs, weights and scores are bfloat16 (as in model.encode_pre) and the selection is
+# exact on those scores; everything after the selection runs in float32.
+DTYPES = (jnp.float32, jnp.bfloat16)
+
+
 def supports(cfg: model.SAEConfig) -> bool:
-  """Whether :func:`fast_train_step` runs this configuration (allocation and dtypes)."""
-  return (cfg.allocation in FAST_ALLOCATIONS and cfg.dtype == jnp.float32
-          and cfg.param_dtype == jnp.float32)
+  """Whether the sparse steps run this configuration (allocation and dtypes)."""
+  return (cfg.allocation in FAST_ALLOCATIONS and jnp.dtype(cfg.dtype) in DTYPES
+          and jnp.dtype(cfg.param_dtype) in DTYPES)
 
 
 def check_fast_config(cfg: model.SAEConfig, batch_size: int, chunk_tokens: int) -> int:
@@ -80,8 +86,8 @@ def check_fast_config(cfg: model.SAEConfig, batch_size: int, chunk_tokens: int) 
     raise ValueError(f"cfg.allocation must be one of {FAST_ALLOCATIONS} for the fast step; "
                      f"got {cfg.allocation!r}. Use train.train_step for the others.")
   for name in ("dtype", "param_dtype"):
-    if getattr(cfg, name) != jnp.float32:
-      raise ValueError(f"cfg.{name} must be float32 for the fast step; got "
+    if jnp.dtype(getattr(cfg, name)) not in DTYPES:
+      raise ValueError(f"cfg.{name} must be float32 or bfloat16 for the sparse step; got "
                        f"{getattr(cfg, name)}. Use train.train_step for other dtypes.")
   if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
     raise ValueError(f"chunk_tokens must be a static int >= 1; got {chunk_tokens!r}.")
@@ -131,8 +137,19 @@ def capacity_tiers(capacity_F: np.ndarray, chunk: int, ratio: float = TIER_RATIO
 
 
 def chunk_pre(centred_CxD, W_enc, b_enc):
-  """Pre-activations of one chunk of centred inputs."""
-  return centred_CxD @ W_enc + b_enc
+  """Pre-activations of one chunk of centred inputs, in float32.
+
+  The matmul runs in the inputs' dtype (``cfg.dtype``, see :func:`encoder_inputs`), so
+  bfloat16 scores are rounded exactly as ``model.encode_pre`` rounds them; the upcast to
+  float32 is exact and keeps their order and ties.
+  """
+  return (centred_CxD @ W_enc + b_enc).astype(jnp.float32)
+
+
+def encoder_inputs(params: sae_params.SAEParams, x, cfg: model.SAEConfig):
+  """``(x - b_dec, W_enc, b_enc)`` in ``cfg.dtype``, as ``model.encode_pre`` forms them."""
+  dt = cfg.dtype
+  return x.astype(dt) - params.b_dec.astype(dt), params.W_enc.astype(dt), params.b_enc.astype(dt)
 
 
 def selection_scores(pre, cfg: model.SAEConfig):
@@ -193,7 +210,7 @@ def _mutual_choice_exact(centred_NxCxD, W_enc, b_enc, n: int, cfg) -> Selection:
     return lax.fori_loop(0, bc // sub, block, carry)
 
   init = (jnp.int32(0), jnp.int32(0), jnp.zeros((n,), jnp.int32), jnp.zeros((n,), jnp.int32),
-          jnp.zeros((n,), W_enc.dtype))
+          jnp.zeros((n,), jnp.float32))
   _, _, rows, cols, pre = lax.fori_loop(0, nc, body, init)
   return Selection(rows, cols, pre, jnp.ones((n,), bool))
 
@@ -234,8 +251,8 @@ def select(params: sae_params.SAEParams, x: Float[Array, "b d"], cfg: model.SAEC
   if use_aux and not (isinstance(k_aux, int) and 1 <= k_aux <= f):
     raise ValueError(f"k_aux must be a static int in [1, {f}] with aux_candidates; got "
                      f"{k_aux!r}.")
-  centred_NxCxD = (x.astype(jnp.float32) - params.b_dec).reshape(nc, bc, -1)
-  W_enc, b_enc = params.W_enc, params.b_enc
+  centred_BxD, W_enc, b_enc = encoder_inputs(params, x, cfg)
+  centred_NxCxD = centred_BxD.reshape(nc, bc, -1)
   fc = cfg.allocation in FEATURE_CHOICE
   n = allocation.mutual_choice_budget(b, cfg.k)
   if cfg.allocation == "topk":

@@ -31,7 +31,8 @@ chosen per static shape by :func:`aux_form` (same result up to float32 rounding)
 
 Supported: allocations "topk", "batch_topk"/"mutual_choice", "feature_choice" and
 "feature_choice_zipf" (capacities in static tiers, :func:`chunked_select.capacity_tiers`),
-float32 compute and parameters, one device (no mesh; :mod:`sae_jax.sharded_step` runs the
+float32 or bfloat16 compute and parameters (which tensor is in which dtype: see
+:mod:`sae_jax.sharded_step`), one device (no mesh; :mod:`sae_jax.sharded_step` runs the
 same work on a mesh).
 
 References:
@@ -225,11 +226,12 @@ def _step(state: train.TrainState, x, aux, cfg: model.SAEConfig, tcfg: train.Tra
   sel, aux_sel = select(state.params, x, cfg, chunk_tokens=chunk_tokens,
                         aux_candidates=aux_cands, aux_weights=aux_weights, k_aux=k_aux)
   p = state.params
+  p32 = jax.tree.map(lambda a: a.astype(jnp.float32), p)  # no copy for float32 parameters
   x32 = x.astype(jnp.float32)
   aux_pre = None if aux_sel is None else aux_sel.pre
   (loss, (codes_N, nmse, aux_loss)), (g_dec, g_pre, g_aux_pre) = jax.value_and_grad(
       _sparse_loss, argnums=(0, 1, 2), has_aux=True)(
-          (p.W_dec, p.b_dec), sel.pre, aux_pre, x32, sel, aux_sel, aux_cands,
+          (p32.W_dec, p32.b_dec), sel.pre, aux_pre, x32, sel, aux_sel, aux_cands,
           aux_weights, cfg, tcfg, block_rows)
   rows, cols, dpre = sel.rows, sel.cols, g_pre
   if aux_sel is None:
@@ -241,8 +243,8 @@ def _step(state: train.TrainState, x, aux, cfg: model.SAEConfig, tcfg: train.Tra
   else:  # dense per-chunk blocks of the auxiliary cotangent, the main triples folded in
     dense_aux = {"row_cols": aux_sel.cols.reshape(b, k_aux),
                  "row_dpre": g_aux_pre.reshape(b, k_aux), "block_rows": block_rows}
-  dW_enc_FxD, db_enc, db_dec_enc = sparse.encoder_grads(x32, p.W_enc, p.b_dec, rows, cols, dpre,
-                                                        **dense_aux)
+  dW_enc_FxD, db_enc, db_dec_enc = sparse.encoder_grads(x32, p32.W_enc, p32.b_dec, rows, cols,
+                                                        dpre, **dense_aux)
   grads = sae_params.SAEParams(W_enc=dW_enc_FxD, b_enc=db_enc, W_dec=g_dec[0],
                                b_dec=g_dec[1] + db_dec_enc)
   new_params, opt_state, grad_norm = fused_adam.update(p, grads, state.opt_state, tcfg)

@@ -91,8 +91,8 @@ def _apply(p, mu, nu, s: _AdamScalars):
 
 def _adam(g, p, mu, nu, s: _AdamScalars):
   """One leaf of clip + ``optax.adam`` + ``optax.apply_updates``, optax's formulas."""
-  mu, nu = _moments(g, mu, nu, s)
-  return _apply(p, mu, nu, s), mu.astype(p.dtype), nu.astype(p.dtype)
+  new_mu, new_nu = _moments(g, mu, nu, s)
+  return _apply(p, new_mu, new_nu, s), new_mu.astype(mu.dtype), new_nu.astype(nu.dtype)
 
 
 def _project(g_FxD, w_FxD):  # params.remove_parallel_component, without its checks

@@ -39,8 +39,18 @@ Auxiliary losses (aux_k, aux_zipf) take their candidates from the gathered usage
 statistics (the Zipf fit ranks every feature) and are skipped with ``lax.cond`` on
 steps without a candidate. Their entries are decoded as triples.
 
-Supported: every allocation of :data:`sae_jax.chunked_select.FAST_ALLOCATIONS`, float32,
-``b`` divisible by the data axis and ``f`` by the model axis. The ReLU+L1 baseline keeps
+Dtypes (this step and :mod:`sae_jax.fast_step` alike): ``cfg.param_dtype`` float32 or
+bfloat16 for the parameters as stored; Adam's moments always float32. ``cfg.dtype``
+float32 or bfloat16 for the encoder: ``x - b_dec``, ``W_enc``, ``b_enc`` and the
+pre-activations (the scores) are in ``cfg.dtype``, rounded as ``model.encode_pre`` rounds
+them, and the selection is exact on those scores. Everything after the selection is
+float32: the selected pre-activations (an exact upcast), codes, decode and
+reconstruction, losses, every gradient and its reduction over devices, the gradient
+norm, the Adam update (rounded to ``param_dtype`` when stored), usage and threshold
+statistics.
+
+Supported: every allocation of :data:`sae_jax.chunked_select.FAST_ALLOCATIONS`, float32 or
+bfloat16, ``b`` divisible by the data axis and ``f`` by the model axis. The ReLU+L1 baseline keeps
 every positive entry, a number that depends on the data, so it has no static sparse
 form and trains with the dense step.
 
@@ -210,8 +220,9 @@ def _select(p, x, cfg: model.SAEConfig, lay: _Layout, aux) -> tuple[Selection, S
   row0 = lax.axis_index(DATA) * lay.b_loc
   col0 = lax.axis_index(MODEL) * lay.f_loc
   shard = lax.axis_index(MODEL)
-  p = lax.stop_gradient(p)
-  centred = (x.astype(jnp.float32) - p.b_dec).reshape(lay.nc, lay.chunk, -1)
+  centred, W_enc, b_enc = chunked_select.encoder_inputs(lax.stop_gradient(p), x, cfg)
+  centred = centred.reshape(lay.nc, lay.chunk, -1)
+  p = p._replace(W_enc=W_enc, b_enc=b_enc)  # in cfg.dtype, for the encoder only
   pad = max(lay.proposals) if lay.kind == "fc" else 0
 
   def per_chunk(args):
@@ -326,7 +337,7 @@ def _mutual_choice_exact(centred, p, cfg, lay: _Layout, row0, col0) -> Selection
     return before + n_kept, rows_N, cols_N, pre_N
 
   init = (jnp.int32(0), jnp.zeros((lay.size,), jnp.int32), jnp.zeros((lay.size,), jnp.int32),
-          jnp.zeros((lay.size,), p.W_enc.dtype))
+          jnp.zeros((lay.size,), jnp.float32))
   total, rows_N, cols_N, pre_N = lax.fori_loop(0, lay.nc, collect, init)
   return Selection(rows_N, cols_N, pre_N, jnp.arange(lay.size) < total)
 
@@ -376,13 +387,14 @@ def _local_step(state: train.TrainState, x, aux_in, cfg: model.SAEConfig,
     cand_loc, weights_loc, any_cand = aux_in
     k_aux = objective.k_aux(cfg, tcfg)
     aux = (cand_loc, weights_loc, min(k_aux, lay.f_loc), k_aux)
-  sel, aux_sel = _select(p, x32, cfg, lay, aux)
+  sel, aux_sel = _select(p, x, cfg, lay, aux)
+  p32 = jax.tree.map(lambda a: a.astype(jnp.float32), p)  # no copy for float32 parameters
   mean = lax.psum(jnp.sum(x32, axis=0), DATA) / lay.b
   variance = lax.psum(jnp.sum(jnp.square(x32 - mean)), DATA)
   aux_args = None if aux_in is None else (aux_in[0], aux_in[1], aux_in[2], None)
   (_, (codes_N, sq, l1, aux_sq, aux_var)), (g_dec, g_pre, g_aux_pre) = jax.value_and_grad(
       _surrogate, argnums=(0, 1, 2), has_aux=True)(
-          (p.W_dec, p.b_dec), sel.pre, None if aux_sel is None else aux_sel.pre, x32,
+          (p32.W_dec, p32.b_dec), sel.pre, None if aux_sel is None else aux_sel.pre, x32,
           variance, sel, aux_sel, aux_args, cfg, tcfg, lay.b)
   nmse = lax.psum(sq, DATA) / variance
   l1_total = lax.psum(l1, BOTH) if cfg.l1_coefficient > 0 else None
@@ -393,7 +405,8 @@ def _local_step(state: train.TrainState, x, aux_in, cfg: model.SAEConfig,
     rows, cols, dpre = (jnp.concatenate(a) for a in ((rows, aux_sel.rows),
                                                        (cols, aux_sel.cols), (dpre, g_aux_pre)))
   loss = objective.total_loss(nmse, l1_total, aux_loss, cfg, tcfg)
-  dW_enc, db_enc, db_dec_enc = sparse.encoder_grads(x32, p.W_enc, p.b_dec, rows, cols, dpre)
+  dW_enc, db_enc, db_dec_enc = sparse.encoder_grads(x32, p32.W_enc, p32.b_dec, rows, cols,
+                                                    dpre)
   grads = sae_params.SAEParams(
       W_enc=lax.psum(dW_enc, DATA), b_enc=lax.psum(db_enc, DATA),
       W_dec=lax.psum(g_dec[0], DATA),

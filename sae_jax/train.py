@@ -133,7 +133,10 @@ def init_train_state(key: Array, cfg: model.SAEConfig, tcfg: TrainConfig,
   p = sae_params.tied_init(key, cfg.d_model, cfg.d_sae, cfg.param_dtype)
   if sample is not None:
     p = p._replace(b_dec=sae_params.geometric_median(sample).astype(cfg.param_dtype))
-  return TrainState(params=p, opt_state=make_optimizer(tcfg).init(p),
+  # Adam's moments are float32 whatever the parameters' dtype (bfloat16 moments lose
+  # the small second moments of rarely selected features).
+  p32 = jax.tree.map(lambda a: a.astype(jnp.float32), p)
+  return TrainState(params=p, opt_state=make_optimizer(tcfg).init(p32),
                     usage=metrics.feature_usage_init(cfg.d_sae),
                     threshold=jnp.full((cfg.d_sae,), jnp.inf, jnp.float32),
                     step=jnp.zeros((), jnp.int32))

@@ -391,8 +391,8 @@ class FastStepPropertiesTest(parameterized.TestCase):
   def test_bad_arguments(self):
     x = _batches(1)[0]
     for kwargs, pattern in (({"allocation": "relu"}, "allocation"),
-                            ({"dtype": jnp.bfloat16}, "dtype"),
-                            ({"param_dtype": jnp.bfloat16}, "param_dtype")):
+                            ({"dtype": jnp.float16}, "dtype"),
+                            ({"param_dtype": jnp.float16}, "param_dtype")):
       cfg = model.SAEConfig(d_model=D, d_sae=F, k=K, **kwargs)
       params = train.init_train_state(jax.random.key(0), cfg, train.TrainConfig()).params
       with self.assertRaisesRegex(ValueError, pattern):

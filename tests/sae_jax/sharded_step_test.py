@@ -148,3 +148,47 @@ class ShardedSparseStepTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "d_sae=60 must be divisible by the model"):
       sharded_step.check_config(model.SAEConfig(d_model=D, d_sae=60, k=4),
                                 sharding.make_mesh(1, 8), 64, 512)
+
+
+class BFloat16Test(parameterized.TestCase):
+  """bfloat16 parameters and encoder, float32 optimiser state and accumulation."""
+
+  @parameterized.parameters("topk", "mutual_choice", "feature_choice", "feature_choice_zipf")
+  def test_selection_is_exact_on_bfloat16_scores(self, allocation):
+    cfg = model.SAEConfig(d_model=D, d_sae=F, allocation=allocation, k=4,
+                          dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    params = train.init_train_state(jax.random.key(1), cfg, train.TrainConfig()).params
+    x = jax.random.normal(jax.random.key(2), (B, D))
+    pre = model.encode_pre(params, x, cfg)
+    self.assertEqual(pre.dtype, jnp.bfloat16)
+    dense = np.asarray(model.allocate(pre, cfg))
+    got = sharded_step.selection_mask(params, x, cfg, sharding.make_mesh(2, 4), chunk_tokens=8)
+    np.testing.assert_array_equal(np.asarray(got), dense)
+
+  @parameterized.parameters(("topk", (1, 1)), ("mutual_choice", (2, 4)),
+                            ("feature_choice_zipf", (1, 1)))
+  def test_bfloat16_run_tracks_the_float32_run(self, allocation, shape):
+    """Tolerance: over 100 steps on synthetic data (NMSE falls from ~1 to ~0.25-0.35),
+    each step's NMSE within 0.02 of the float32 run's and the last ten steps' mean within
+    0.01 (measured: at most 0.007 and 0.004)."""
+    from sae_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+    scfg = synthetic.SyntheticConfig(d_model=32, num_features=96, mean_active=4.0)
+    dirs, probs = synthetic.ground_truth(jax.random.key(0), scfg)
+    xs = [synthetic.sample_batch(jax.random.fold_in(jax.random.key(1), i), dirs, probs, 256,
+                                 scfg.noise_std) for i in range(100)]
+    mesh = sharding.make_mesh(*shape, devices=jax.devices()[:shape[0] * shape[1]])
+    tcfg = train.TrainConfig(learning_rate=3e-3, warmup_steps=10, total_steps=100)
+    curves = {}
+    for dt in (jnp.float32, jnp.bfloat16):
+      cfg = model.SAEConfig(d_model=32, d_sae=128, allocation=allocation, k=4, dtype=dt,
+                            param_dtype=dt)
+      self.assertTrue(sharding.uses_sparse_step(cfg, mesh))
+      state, history = _train(cfg, tcfg, mesh, xs, None)
+      curves[jnp.dtype(dt).name] = np.array([h["nmse"] for h in history])
+      self.assertEqual(state.params.W_enc.dtype, dt)
+      for moment in jax.tree.leaves((state.opt_state[1][0].mu, state.opt_state[1][0].nu)):
+        self.assertEqual(moment.dtype, jnp.float32)
+    f32, bf16 = curves["float32"], curves["bfloat16"]
+    self.assertLess(f32[-10:].mean(), 0.5)  # it trained
+    self.assertLess(np.abs(f32 - bf16).max(), 0.02)
+    self.assertLess(abs(f32[-10:].mean() - bf16[-10:].mean()), 0.01)

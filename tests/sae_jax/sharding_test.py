@@ -44,8 +44,9 @@ def _single_device(allocation):
 
 class ShardedTrainingTest(parameterized.TestCase):
 
-  @parameterized.parameters(("topk", (4, 2)), ("mutual_choice", (4, 2)),
-                            ("mutual_choice", (8, 1)), ("feature_choice_zipf", (2, 4)))
+  # Every allocation on every mesh shape is checked against the dense step in
+  # sharded_step_test; these two go through init_sharded_state and fit-sized batches.
+  @parameterized.parameters(("mutual_choice", (8, 1)), ("feature_choice_zipf", (2, 4)))
   def test_eight_devices_match_one(self, allocation, mesh_shape):
     one, masks_one = _single_device(allocation)
     many, masks_many = _run(sharding.make_mesh(*mesh_shape), allocation)
