@@ -26,6 +26,8 @@ RUNS = (  # (module, arguments)
     ("allocation", ["--features", "32768"]),
     ("pruning", []),
     ("sae_step", []),
+    ("sae_step", ["--dtype", "bfloat16", "--configs", "topk", "--out",
+                  str(pathlib.Path(__file__).resolve().parent / "results" / "sae_step_bf16.json")]),
     ("fit_loop", []),
     ("resnet_torch", []),
 )
@@ -62,7 +64,7 @@ def collect() -> dict:
   step, torch = _load("sae_step", notes), _load("resnet_torch", notes)
   fit_loop = _load("fit_loop", notes)
   sharded = _load("sharded_step", notes)
-  device_cpu = _load("device_cpu", notes)
+  step_bf16 = _load("sae_step_bf16", notes)
   env_steps = {suffix: _load(f"sae_step_{suffix}", notes) for suffix in ENV_RUNS}
   row = next((r for r in alloc.get("rows", []) if r.get("F") == 32768), None)
   ratios = (row or {}).get("ratio_to_lax_top_k_rows", {})
@@ -91,7 +93,8 @@ def collect() -> dict:
       "fc_step_peak_mem_vs_state": step.get("fc_step_peak_mem_vs_state"),
       **{f"{a}_step_vs_matmul_{suffix}": res.get(f"{a}_step_vs_matmul")
          for suffix, res in env_steps.items() for a in ("topk", "mc", "fc")},
-      "bf16_topk_step_vs_matmul": device_cpu.get("bf16_topk_step_vs_matmul"),
+      "bf16_topk_step_vs_matmul": step_bf16.get("topk_step_vs_matmul"),
+      "bf16_step_peak_mem_vs_state": step_bf16.get("step_peak_mem_vs_state"),
       "sharded_sparse_vs_dense_flops": sharded.get("sharded_sparse_vs_dense_flops"),
       "sharded_step_peak_mem_vs_state": sharded.get("sharded_step_peak_mem_vs_state"),
       "fit_vs_bare_step": fit_loop.get("fit_vs_bare_step"),
@@ -126,10 +129,12 @@ def collect() -> dict:
           "fit_vs_bare_step_small": "the same at B=512, d=384, F=1536, k=32 over steps "
                                     "2..200, where per-step host work in the loop shows",
           **sharded.get("definitions", {}),
-          "bf16_topk_step_vs_matmul": "TopK step with bfloat16 parameters and encoder / the "
-                                      "bfloat16 encoder matmul, through jit_sharded_step on "
-                                      "one CPU device at make bench-device's CPU shape "
-                                      "(device_cpu.json; python -m benchmarks.device)",
+          "bf16_topk_step_vs_matmul": "TopK step with bfloat16 parameters and encoder "
+                                      "(float32 Adam and gradients) / the bfloat16 encoder "
+                                      "matmul, same shape and path as *_step_vs_matmul "
+                                      "(sae_step_bf16.json)",
+          "bf16_step_peak_mem_vs_state": "its peak bytes / bytes of bfloat16 params + float32 "
+                                         "Adam state + batch",
           "dnr_overhead": "ResNet-20 train step with DNR / without, minus 1 (pruning.json)",
           "ap_overhead": "AP selection / one reference training cycle (pruning.json)",
       },
