@@ -13,7 +13,7 @@ from sae_jax import train
 from sae_jax.data import synthetic
 
 
-# Jitted: outside jit, shard_map runs its loops (the bisections) op by op, slowly.
+# One compiled forward per configuration and mesh, reused across steps.
 _forward = jax.jit(lambda p, x, cfg, mesh: model.forward(p, x, cfg, mesh=mesh),
                    static_argnums=(2, 3))
 
