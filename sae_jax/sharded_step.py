@@ -408,8 +408,8 @@ def _local_step(state: train.TrainState, x, aux_in, cfg: model.SAEConfig,
   dW_enc, db_enc, db_dec_enc = sparse.encoder_grads(x32, p32.W_enc, p32.b_dec, rows, cols,
                                                     dpre)
   grads = sae_params.SAEParams(
-      W_enc=lax.psum(dW_enc, DATA), b_enc=lax.psum(db_enc, DATA),
-      W_dec=lax.psum(g_dec[0], DATA),
+      W_enc=_psum_rows_in_place(dW_enc, DATA), b_enc=lax.psum(db_enc, DATA),
+      W_dec=_psum_rows_in_place(g_dec[0], DATA),
       b_dec=lax.psum(g_dec[1], DATA) + lax.psum(db_dec_enc, BOTH))
   new_params, opt_state, grad_norm = fused_adam.update(
       p, grads, state.opt_state, tcfg, sum_over_shards=lambda v: lax.psum(v, MODEL))
@@ -428,6 +428,28 @@ def _local_step(state: train.TrainState, x, aux_in, cfg: model.SAEConfig,
   step_metrics["dead_fraction"] = lax.pmean(step_metrics["dead_fraction"], MODEL)
   return (train.TrainState(new_params, opt_state, usage, threshold, state.step + 1),
           step_metrics)
+
+
+# Rows per block when a weight gradient is summed over devices in place.
+REDUCE_BLOCK = 512
+
+
+def _psum_rows_in_place(g_FxD, axis):
+  """``lax.psum(g, axis)`` block of rows by block of rows, written back into ``g``.
+
+  A plain ``psum`` of a ``[f, d]`` gradient holds its result beside its input: a second
+  gradient-sized buffer at the step's peak. Here each block's sum replaces the block in
+  the loop-carried buffer, so only one block is extra.
+  """
+  f = g_FxD.shape[0]
+  if f % REDUCE_BLOCK or f == REDUCE_BLOCK:
+    return lax.psum(g_FxD, axis)
+
+  def body(i, g):
+    block = lax.dynamic_slice_in_dim(g, i * REDUCE_BLOCK, REDUCE_BLOCK, 0)
+    return lax.dynamic_update_slice_in_dim(g, lax.psum(block, axis), i * REDUCE_BLOCK, 0)
+
+  return lax.fori_loop(0, f // REDUCE_BLOCK, body, g_FxD)
 
 
 def _gathered_usage(usage: metrics.FeatureUsageState) -> metrics.FeatureUsageState:

@@ -7,6 +7,7 @@ step's to float32 rounding (sums over devices run in another order).
 """
 
 import functools
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +81,19 @@ class ShardedSparseStepTest(parameterized.TestCase):
           self.assertEqual(set(r), set(g))
           for name in r:
             np.testing.assert_allclose(g[name], r[name], rtol=2e-5, atol=1e-6, err_msg=name)
+
+  def test_gradients_summed_over_data_in_blocks(self):
+    """The weight gradients' sum over "data", block by block in place, equals one psum."""
+    cfg, _ = _configs("topk")
+    # Its own settings: the jitted programs of the other tests were built with the default
+    # block and are cached by configuration.
+    tcfg = train.TrainConfig(learning_rate=2e-3, warmup_steps=1, total_steps=20)
+    mesh_one = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+    ref, _ = _train(cfg, tcfg, mesh_one, _batches(2), sparse=False)
+    with mock.patch.object(sharded_step, "REDUCE_BLOCK", 8):  # 64 / 8 and 16 / 8 blocks
+      for shape in ((8, 1), (2, 4)):
+        got, _ = _train(cfg, tcfg, sharding.make_mesh(*shape), _batches(2), None)
+        _assert_states_close(ref, got)
 
   @parameterized.parameters("topk", "mutual_choice", "feature_choice", "feature_choice_zipf")
   def test_selection_equals_the_dense_mask(self, allocation):
