@@ -363,7 +363,7 @@ def _surrogate(dec, pre_N, aux_pre_N, x, variance, sel: Selection, aux_sel, aux,
     local = local + cfg.l1_coefficient * l1
   aux_sq = aux_var = jnp.zeros((), jnp.float32)
   if aux_sel is not None:
-    cand_loc, weights_loc, any_cand, _ = aux
+    cand_loc, weights_loc, any_cand = aux
     scores_N = losses.aux_scores(aux_pre_N, cand_loc[aux_sel.cols],
                                  None if weights_loc is None else weights_loc[aux_sel.cols])
     aux_codes_N = jnp.where(aux_sel.valid, jax.nn.relu(scores_N), 0.0)
@@ -391,11 +391,10 @@ def _local_step(state: train.TrainState, x, aux_in, cfg: model.SAEConfig,
   p32 = jax.tree.map(lambda a: a.astype(jnp.float32), p)  # no copy for float32 parameters
   mean = lax.psum(jnp.sum(x32, axis=0), DATA) / lay.b
   variance = lax.psum(jnp.sum(jnp.square(x32 - mean)), DATA)
-  aux_args = None if aux_in is None else (aux_in[0], aux_in[1], aux_in[2], None)
   (_, (codes_N, sq, l1, aux_sq, aux_var)), (g_dec, g_pre, g_aux_pre) = jax.value_and_grad(
       _surrogate, argnums=(0, 1, 2), has_aux=True)(
           (p32.W_dec, p32.b_dec), sel.pre, None if aux_sel is None else aux_sel.pre, x32,
-          variance, sel, aux_sel, aux_args, cfg, tcfg, lay.b)
+          variance, sel, aux_sel, aux_in, cfg, tcfg, lay.b)
   nmse = lax.psum(sq, DATA) / variance
   l1_total = lax.psum(l1, BOTH) if cfg.l1_coefficient > 0 else None
   aux_loss = jnp.zeros((), jnp.float32)
