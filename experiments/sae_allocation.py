@@ -20,7 +20,9 @@ differences are paired. Each finished run leaves its row under ``--out/rows/``; 
 the same command skips finished runs and resumes an interrupted one from its checkpoint,
 and ``results.json`` (list ``runs``), ``results.md`` (means, spreads, paired 95 %
 intervals and verdicts, `experiments.sae_report`) and PNG plots in ``--out`` are rewritten
-after every run. The first seed's SAEs are exported in the SAELens layout under
+after every run. ``--rows-from RESULTS_JSON`` takes the finished rows of an earlier
+``results.json`` (for example the committed ``docs/results/sae/results.json``), so a fresh
+checkout continues the plan instead of starting it again. The first seed's SAEs are exported in the SAELens layout under
 ``--out/saes/``.
 
 Presets (``--preset``): ``cpu`` fits 15 minutes on 2 CPU cores (MiniLM, one seed, the
@@ -227,9 +229,9 @@ def train_and_evaluate(args, preset: Preset, source: sources_lib.Source, name: s
                        seed: int, out: pathlib.Path) -> dict:
   """One run: trained (or resumed), evaluated, exported; its row is kept on disk."""
   run_name = name if len(preset.seeds) == 1 else f"{name}-s{seed}"
-  row_path = out / "rows" / source.name / f"{run_name}.json"
-  if row_path.exists():
-    return json.loads(row_path.read_text())
+  path = row_path(out, preset, source.name, name, seed)
+  if path.exists():
+    return json.loads(path.read_text())
   t_run = time.perf_counter()
   batches = ScaledBatches(source.make_batches(preset.batch_size, seed), source.scale)
   rcfg = trainer.RunConfig(steps=preset.steps, seed=seed,
@@ -254,10 +256,10 @@ def train_and_evaluate(args, preset: Preset, source: sources_lib.Source, name: s
                           normalization={"mean": 0.0, "scale": 1.0 / source.scale},
                           **({} if source.layer is not None
                              else {"source": f"synthbench:{preset.synthbench}"}))
-  row_path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = row_path.with_suffix(".json.tmp")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".json.tmp")
   tmp.write_text(json.dumps(row))
-  os.replace(tmp, row_path)
+  os.replace(tmp, path)
   return row
 
 
@@ -276,6 +278,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--seeds", nargs="*", type=int, help="seeds (default: the preset's)")
   parser.add_argument("--only", nargs="*", help="run names to train (default: all)")
   parser.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+  parser.add_argument("--rows-from", metavar="RESULTS_JSON",
+                      help="count the runs of an earlier results.json as finished")
   parser.add_argument("--log-runs", action="store_true",
                       help="one line per finished run even with --quiet (for log files)")
   args = parser.parse_args(argv)
@@ -288,6 +292,11 @@ def main(argv=None) -> dict:
     parser.error("--store replaces the MiniLM harvest; add minilm to --sources or drop --store.")
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
+  if args.rows_from:
+    try:
+      import_rows(pathlib.Path(args.rows_from), out, preset)
+    except (OSError, ValueError, KeyError) as e:
+      parser.error(f"--rows-from {args.rows_from}: {e}")
   command = "python -m experiments.sae_allocation " + shlex.join(
       sys.argv[1:] if argv is None else argv)
   t0 = time.perf_counter()
@@ -320,6 +329,41 @@ def main(argv=None) -> dict:
   if not args.quiet:
     print((out / "results.md").read_text())
   return result
+
+
+def row_path(out: pathlib.Path, preset: Preset, source: str, name: str, seed: int
+             ) -> pathlib.Path:
+  """Where a finished run's row is kept."""
+  run_name = name if len(preset.seeds) == 1 else f"{name}-s{seed}"
+  return out / "rows" / source / f"{run_name}.json"
+
+
+def import_rows(results_json: pathlib.Path, out: pathlib.Path, preset: Preset) -> int:
+  """Writes the rows of an earlier results.json as finished runs under ``out``.
+
+  Rows must come from the same preset configuration (steps, batch size, sizes): a row
+  of another configuration would be reported beside runs it cannot be compared with.
+  Rows already present under ``out`` are kept. Returns the number of rows written.
+  """
+  earlier = json.loads(results_json.read_text())
+  if "runs" not in earlier:
+    raise ValueError("not a results.json of this experiment (no 'runs' list)")
+  written = 0
+  for row in earlier["runs"]:
+    if (row["steps"], row["batch_size"]) != (preset.steps, preset.batch_size):
+      raise ValueError(
+          f"row {row['source']}/{row['name']} seed {row['seed']} has steps={row['steps']}, "
+          f"batch_size={row['batch_size']}; this preset has steps={preset.steps}, "
+          f"batch_size={preset.batch_size}")
+    path = row_path(out, preset, row["source"], row["name"], row["seed"])
+    if path.exists():
+      continue
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(row))
+    os.replace(tmp, path)
+    written += 1
+  return written
 
 
 def _k_blocks(preset: Preset) -> list[tuple[int, ...]]:

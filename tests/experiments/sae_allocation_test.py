@@ -68,6 +68,12 @@ class SaeAllocationSmokeTest(absltest.TestCase):
       again = sae_allocation.main(argv)
       self.assertEqual([r["train_seconds"] for r in again["runs"]],
                        [r["train_seconds"] for r in rows])
+      # A fresh run folder continues from the committed results.json: nothing retrained.
+      fresh = pathlib.Path(tmp) / "fresh"
+      argv_fresh = argv[:argv.index("--out") + 1] + [str(fresh)] + argv[argv.index("--out") + 2:]
+      continued = sae_allocation.main(argv_fresh + ["--rows-from", str(out / "results.json")])
+      self.assertEqual([r["train_seconds"] for r in continued["runs"]],
+                       [r["train_seconds"] for r in rows])
       claims = {(v["claim"], v["n"]) for v in sae_report.verdicts(rows)}
       self.assertIn(("mutual_choice has fewer dead features than TopK (dead in training)", 2),
                     claims)
@@ -79,6 +85,21 @@ class SaeAllocationSmokeTest(absltest.TestCase):
       self.assertGreater((out / "fvu_vs_l0_synthbench.png").stat().st_size, 1000)
       self.assertIn("## synthbench", (out / "results.md").read_text())
 
+  def test_rows_from_refuses_rows_of_another_configuration(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      earlier = pathlib.Path(tmp) / "results.json"
+      row = {"source": "synthbench", "name": "topk-none-k8", "seed": 0, "steps": 7,
+             "batch_size": 512}
+      earlier.write_text(json.dumps({"runs": [row]}))
+      preset = sae_allocation.PRESETS["smoke"]
+      with self.assertRaisesRegex(ValueError, "steps=7"):
+        sae_allocation.import_rows(earlier, pathlib.Path(tmp) / "out", preset)
+      row.update(steps=preset.steps, batch_size=preset.batch_size)
+      earlier.write_text(json.dumps({"runs": [row]}))
+      out = pathlib.Path(tmp) / "out"
+      self.assertEqual(sae_allocation.import_rows(earlier, out, preset), 1)
+      self.assertEqual(sae_allocation.import_rows(earlier, out, preset), 0)  # kept, not rewritten
+      self.assertTrue((out / "rows" / "synthbench" / "topk-none-k8.json").exists())
 
   def test_command_line_reports_a_bad_store_in_one_line(self):
     with tempfile.TemporaryDirectory() as tmp:
