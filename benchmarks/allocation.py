@@ -13,7 +13,7 @@ Run:
   python -m benchmarks.allocation                   # B=4096, d=768, k=32, F in 4096,16384,32768
   python -m benchmarks.allocation --quick           # small shapes, a smoke run
 
-Writes ``benchmarks/results/allocation.json`` (or ``--out``).
+Writes ``benchmarks/results/strategies.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from jax import lax
 
 from benchmarks import output
 from sae_jax import allocation
+from sae_jax.allocation import strategies
 
 
 def median_time(fn, *args, repeats: int) -> float:
@@ -135,7 +136,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--quick", action="store_true", help="small shapes for a smoke run")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                    "allocation.json"))
+                                                    "strategies.json"))
   args = parser.parse_args(argv)
   if args.quick:
     args.tokens, args.d_model, args.k, args.features, args.repeats = 256, 64, 8, [1024], 2

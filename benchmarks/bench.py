@@ -121,7 +121,7 @@ def collect() -> dict:
           "step_peak_mem_vs_state": "peak bytes of the TopK sparse step (XLA buffer "
                                     "assignment) / bytes of params + Adam state + batch",
           "mc_/fc_step_peak_mem_vs_state": "the same for the Mutual / Feature Choice steps",
-          "fit_vs_bare_step": "trainer.fit tokens/s / tokens/s of a bare loop over the same "
+          "fit_vs_bare_step": "training.fit tokens/s / tokens/s of a bare loop over the same "
                               "jitted step with the batches already on the device, TopK, "
                               "B=4096, d=768, F=32768, k=32, steps 2..6 of each call, the "
                               "final checkpoint write included; median over interleaved "

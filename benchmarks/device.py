@@ -1,7 +1,7 @@
 """The allocation and SAE-step benchmarks on whatever device JAX sees, float32 and bfloat16.
 
 Runs :mod:`benchmarks.allocation` (float32 scores) and :mod:`benchmarks.sae_step` in
-float32 and in bfloat16, through the path ``trainer.fit`` takes (``jit_sharded_step`` on a
+float32 and in bfloat16, through the path ``training.fit`` takes (``jit_sharded_step`` on a
 one-device mesh), and prints one table: configuration, dtype, which step ran (sparse or
 the dense fallback), median step time, the ratio to the encoder matmul of the same run and
 tokens/s. Each dtype's ratio is to the encoder matmul in that dtype. Every figure comes

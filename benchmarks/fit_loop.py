@@ -1,10 +1,10 @@
-"""``trainer.fit`` vs a bare loop over the same jitted step, timed in one run.
+"""``loop.fit`` vs a bare loop over the same jitted step, timed in one run.
 
 Measures what the training loop costs on top of its step: tokens/s of
-:func:`sae_jax.trainer.fit` (background prefetch and placement of host batches, the
+:func:`sae_jax.training.loop.fit` (background prefetch and placement of host batches, the
 device-side non-finite watch, metrics fetched on log steps, the final asynchronous
 checkpoint) against tokens/s of a bare Python loop that calls the same step, built the
-way ``fit`` builds it (:func:`sae_jax.sharding.jit_sharded_step` on a one-device mesh),
+way ``fit`` builds it (:func:`sae_jax.training.sharding.jit_sharded_step` on a one-device mesh),
 over a few batches already on the device and synchronises only at the end. Two shapes:
 the default SAE (B=4096, d=768, F=32768, k=32), where a step takes about a second, and
 a small one (B=512, d=384, F=1536, k=32), where steps take milliseconds and per-step host
@@ -39,9 +39,9 @@ import numpy as np
 
 from benchmarks import output
 from sae_jax import model
-from sae_jax import sharding
-from sae_jax import train
-from sae_jax import trainer
+from sae_jax.training import loop
+from sae_jax.training import sharding
+from sae_jax.training import train_state
 
 # jax.monitoring event recorded once per XLA compilation.
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -68,7 +68,7 @@ KEYS = {"big": "fit_vs_bare_step", "small": "fit_vs_bare_step_small"}
 
 
 class ArrayBatches:
-  """Pre-generated host batches served in turn, following ``trainer``'s data protocol.
+  """Pre-generated host batches served in turn, following the data protocol of ``training.fit``.
 
   Serving arrays made beforehand keeps data generation out of the timing, so ``fit``
   pays only for reading, placing and consuming the batches.
@@ -120,7 +120,7 @@ def time_bare(step, state, device_batches: list, steps: int):
   return state, time.perf_counter() - t0
 
 
-def time_fit(cfg: model.SAEConfig, tcfg: train.TrainConfig, rcfg: trainer.RunConfig,
+def time_fit(cfg: model.SAEConfig, tcfg: train_state.TrainConfig, rcfg: loop.RunConfig,
              host_batches: list[np.ndarray], counter: CompileCounter) -> dict:
   """One ``fit`` call in a fresh run folder, timed over steps 2..N.
 
@@ -144,7 +144,7 @@ def time_fit(cfg: model.SAEConfig, tcfg: train.TrainConfig, rcfg: trainer.RunCon
   compiles_before = counter.count
   with tempfile.TemporaryDirectory(prefix="fit_loop_") as run_dir:
     t0 = time.perf_counter()
-    trainer.fit(run_dir, cfg, tcfg, rcfg, ArrayBatches(host_batches), on_step=on_step)
+    loop.fit(run_dir, cfg, tcfg, rcfg, ArrayBatches(host_batches), on_step=on_step)
     t_end = time.perf_counter()
   return {"seconds": t_end - marks["first"],
           "seconds_to_last_step": marks["last"] - marks["first"],
@@ -158,10 +158,10 @@ def run_shape(name: str, shape: Shape, allocation: str, repeats: int, log_every:
   print(f"{name}: B={b} d={d} F={f} k={k} allocation={allocation} steps/round={steps}",
         flush=True)
   cfg = model.SAEConfig(d_model=d, d_sae=f, allocation=allocation, k=k)
-  tcfg = train.TrainConfig(learning_rate=1e-4, warmup_steps=10, total_steps=1000)
+  tcfg = train_state.TrainConfig(learning_rate=1e-4, warmup_steps=10, total_steps=1000)
   # Only the final checkpoint is written, as at the end of every run.
-  rcfg = trainer.RunConfig(steps=steps, checkpoint_every=steps + 1, log_every=log_every,
-                           n_data=1, n_model=1, progress=False)
+  rcfg = loop.RunConfig(steps=steps, checkpoint_every=steps + 1, log_every=log_every,
+                        n_data=1, n_model=1, progress=False)
   rng = np.random.default_rng(0)
   host_batches = [rng.standard_normal((b, d), dtype=np.float32) for _ in range(N_BATCHES)]
   mesh = sharding.make_mesh(1, 1)
@@ -253,7 +253,7 @@ def main(argv=None) -> dict:
       "fit_tokens_per_s": {name: res["fit_tokens_per_s"] for name, res in results.items()},
       "bare_tokens_per_s": {name: res["bare_tokens_per_s"] for name, res in results.items()},
       "ratio_definition": "fit_vs_bare_step (big shape) and fit_vs_bare_step_small: median "
-                          "over interleaved rounds of (trainer.fit tokens/s / bare-loop "
+                          "over interleaved rounds of (loop.fit tokens/s / bare-loop "
                           "tokens/s of the same round), both over steps 2..N of the round",
       "fit_recompiles_each_call": recompiles,
       "method": {
@@ -275,7 +275,7 @@ def main(argv=None) -> dict:
                        f"step fit builds, over {N_BATCHES} distinct batches placed on the "
                        "device beforehand with batch_sharding(mesh), fed in turn, "
                        "synchronised only at the end",
-          "fit_run": f"trainer.fit on a fresh temporary run folder per round (under "
+          "fit_run": f"loop.fit on a fresh temporary run folder per round (under "
                      f"{tempfile.gettempdir()}) with RunConfig(steps=N, "
                      "checkpoint_every=N + 1, log_every, n_data=1, n_model=1, "
                      f"progress=False) over the same {N_BATCHES} batches pre-generated as "

@@ -3,11 +3,11 @@
 Prints the median time of the encoder forward matmul ``[B, d] x [d, F]`` and of the
 training step of every configuration users run, each as a ratio to the matmul of the
 same run: TopK, Mutual Choice, Feature Choice (uniform and Zipf), TopK + aux_k and Mutual
-Choice + aux_zipf. Steps are built by :func:`sae_jax.sharding.jit_sharded_step` on a
-one-device mesh, the path ``trainer.fit`` calls, so a configuration that falls back to
+Choice + aux_zipf. Steps are built by :func:`sae_jax.training.sharding.jit_sharded_step` on a
+one-device mesh, the path ``training.fit`` calls, so a configuration that falls back to
 the dense step shows up as such (``paths`` in the JSON). With ``--dense`` the dense
-reference step (:func:`sae_jax.train.train_step`) is timed too. Peak memory of each step
-is compared with the bytes of parameters + Adam state + one batch.
+reference step (:func:`sae_jax.training.dense_step.train_step`) is timed too. Peak memory
+of each step is compared with the bytes of parameters + Adam state + one batch.
 
 Peak memory is XLA's static buffer assignment of the compiled step
 (``compiled.memory_analysis()``): argument + output - aliased (donated state) + temp
@@ -32,10 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import output
-from sae_jax import fast_step
 from sae_jax import model
-from sae_jax import sharding
-from sae_jax import train
+from sae_jax.training import selection
+from sae_jax.training import sharding
+from sae_jax.training import train_state
 
 # Short name -> (allocation, auxiliary loss).
 CONFIGS = {"topk": ("topk", "none"), "mc": ("mutual_choice", "none"),
@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--d-model", type=int, default=768)
   parser.add_argument("--features", type=int, default=32768)
   parser.add_argument("--k", type=int, default=32)
-  parser.add_argument("--chunk-tokens", type=int, default=fast_step.DEFAULT_CHUNK_TOKENS)
+  parser.add_argument("--chunk-tokens", type=int, default=selection.DEFAULT_CHUNK_TOKENS)
   parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds")
   parser.add_argument("--dense", action="store_true",
                       help="also time the dense reference step of every configuration")
@@ -99,8 +99,8 @@ def main(argv=None) -> dict:
     alloc, aux = CONFIGS[short]
     cfg = model.SAEConfig(d_model=d, d_sae=f, allocation=alloc, k=k, dtype=dtype,
                           param_dtype=dtype)
-    tcfg = train.TrainConfig(learning_rate=1e-4, warmup_steps=10, total_steps=1000,
-                             aux_loss=aux)
+    tcfg = train_state.TrainConfig(learning_rate=1e-4, warmup_steps=10, total_steps=1000,
+                                   aux_loss=aux)
     state = sharding.init_sharded_state(jax.random.key(1), cfg, tcfg, mesh)
     step = sharding.jit_sharded_step(cfg, tcfg, mesh, jax.eval_shape(lambda: state))
     paths[short] = "sparse" if sharding.uses_sparse_step(cfg, mesh) else "dense"

@@ -38,8 +38,8 @@ import numpy as np  # noqa: E402
 
 from benchmarks import output  # noqa: E402
 from sae_jax import model  # noqa: E402
-from sae_jax import sharding  # noqa: E402
-from sae_jax import train  # noqa: E402
+from sae_jax.training import sharding  # noqa: E402
+from sae_jax.training import train_state  # noqa: E402
 
 B, D, F, K = 4096, 768, 32768, 32
 CONFIGS = {  # name: (allocation, aux loss)
@@ -64,8 +64,8 @@ def _device_bytes(tree) -> int:
 def measure(name: str, mesh) -> dict:
   allocation, aux = CONFIGS[name]
   cfg = model.SAEConfig(d_model=D, d_sae=F, allocation=allocation, k=K)
-  tcfg = train.TrainConfig(aux_loss=aux)
-  shapes = jax.eval_shape(lambda: train.init_train_state(jax.random.key(0), cfg, tcfg))
+  tcfg = train_state.TrainConfig(aux_loss=aux)
+  shapes = jax.eval_shape(lambda: train_state.init_train_state(jax.random.key(0), cfg, tcfg))
   shardings = sharding.state_shardings(shapes, mesh)
   state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                        shapes, shardings)

@@ -12,7 +12,7 @@ store (cached; an interrupted harvest resumes), evaluates on held-out documents,
 reconstructions back into MiniLM (fidelity against zero and mean ablation) and probes the
 codes for the corpus a token came from (k-sparse probing); ``synthbench`` draws
 activations with known features (`sae_jax.data.synthbench`) once into a store and scores
-every SAE against the truth (`sae_jax.recovery`: MCC, F1 at |cos| >= 0.8).
+every SAE against the truth (`sae_jax.evaluation.recovery`: MCC, F1 at |cos| >= 0.8).
 
 Every strategy trains at the same k on the same batches; with several ``--seeds`` each
 seed has its own data order and initialisation, shared by all strategies, so
@@ -56,12 +56,12 @@ import numpy as np
 from experiments import reporting
 from experiments import sae_report as report
 from experiments import sae_sources as sources_lib
-from sae_jax import evaluate
-from sae_jax import export
 from sae_jax import model
-from sae_jax import recovery
-from sae_jax import train
-from sae_jax import trainer
+from sae_jax.evaluation import evaluate
+from sae_jax.evaluation import export
+from sae_jax.evaluation import recovery
+from sae_jax.training import loop
+from sae_jax.training import train_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +107,7 @@ PRESETS["cpu-long"] = Preset(
     k_sweep=(4, 64), batch_size=512, steps=4000, learning_rate=2e-3,
     dead_after_tokens=200_000, eval_batches=8, seeds=(0, 1, 2),
     sources=("synthbench", "minilm"), grid="full", synth_tokens=2_000_000)
-AUX_LOSSES = train.AUX_LOSSES
+AUX_LOSSES = train_state.AUX_LOSSES
 
 # (allocation, aux loss) pairs of the main table, all at the preset's k.
 MAIN_RUNS = (
@@ -157,9 +157,10 @@ def run_configs(preset: Preset, d_model: int, d_sae: int):
   for (allocation, aux), k in pairs:
     cfg = model.SAEConfig(d_model=d_model, d_sae=d_sae, allocation=allocation, k=k,
                           l1_coefficient=preset.l1_coefficient if allocation == "relu" else 0.0)
-    tcfg = train.TrainConfig(learning_rate=preset.learning_rate,
-                             warmup_steps=max(1, preset.steps // 20), total_steps=preset.steps,
-                             aux_loss=aux, dead_after_tokens=preset.dead_after_tokens)
+    tcfg = train_state.TrainConfig(learning_rate=preset.learning_rate,
+                                   warmup_steps=max(1, preset.steps // 20),
+                                   total_steps=preset.steps, aux_loss=aux,
+                                   dead_after_tokens=preset.dead_after_tokens)
     runs.append((f"{allocation}-{aux}-k{k}", cfg, tcfg))
   return runs
 
@@ -217,7 +218,7 @@ def mutual_choice_matches_batch_topk(params, cfg, batches) -> float:
 def training_curve(run_dir: pathlib.Path, batch_size: int) -> list[dict]:
   """The run's logged training metrics against tokens seen."""
   curve = []
-  with open(run_dir / trainer.METRICS_FILE) as fh:
+  with open(run_dir / loop.METRICS_FILE) as fh:
     for line in map(json.loads, fh):
       curve.append({"tokens": line["step"] * batch_size, "nmse": line["nmse"],
                     "dead_fraction": line["dead_fraction"], "l0": line["l0"],
@@ -234,13 +235,13 @@ def train_and_evaluate(args, preset: Preset, source: sources_lib.Source, name: s
     return json.loads(path.read_text())
   t_run = time.perf_counter()
   batches = ScaledBatches(source.make_batches(preset.batch_size, seed), source.scale)
-  rcfg = trainer.RunConfig(steps=preset.steps, seed=seed,
-                           checkpoint_every=max(preset.steps // 4, 1),
-                           log_every=max(1, min(50, preset.steps // 8)), keep=1,
-                           progress=not args.quiet)
+  rcfg = loop.RunConfig(steps=preset.steps, seed=seed,
+                        checkpoint_every=max(preset.steps // 4, 1),
+                        log_every=max(1, min(50, preset.steps // 8)), keep=1,
+                        progress=not args.quiet)
   init_sample = source.init_sample * np.float32(source.scale)
   run_dir = out / "runs" / source.name / run_name
-  state, _ = trainer.fit(run_dir, cfg, tcfg, rcfg, batches, init_sample=init_sample)
+  state, _ = loop.fit(run_dir, cfg, tcfg, rcfg, batches, init_sample=init_sample)
   row = {"name": name, "source": source.name, "seed": seed, "strategy": cfg.allocation,
          "aux_loss": tcfg.aux_loss, "k": cfg.k, "d_sae": cfg.d_sae, "steps": preset.steps,
          "batch_size": preset.batch_size}

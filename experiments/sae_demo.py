@@ -18,8 +18,9 @@ import numpy as np
 from tqdm import tqdm
 
 from sae_jax import model
-from sae_jax import train
 from sae_jax.data import synthetic
+from sae_jax.training import dense_step
+from sae_jax.training import train_state
 
 STRATEGIES = (
     ("topk", "none"),
@@ -37,20 +38,20 @@ def run(allocation: str, aux: str, args) -> dict:
   dirs, probs = synthetic.ground_truth(jax.random.key(args.seed), scfg)
   cfg = model.SAEConfig(d_model=args.d_model, d_sae=args.d_sae, allocation=allocation,
                         k=args.k, l1_coefficient=args.l1 if allocation == "relu" else 0.0)
-  tcfg = train.TrainConfig(learning_rate=args.lr, warmup_steps=args.steps // 10,
-                           total_steps=args.steps, aux_loss=aux,
-                           dead_after_tokens=args.batch * 20)
+  tcfg = train_state.TrainConfig(learning_rate=args.lr, warmup_steps=args.steps // 10,
+                                 total_steps=args.steps, aux_loss=aux,
+                                 dead_after_tokens=args.batch * 20)
   data_key = jax.random.key(args.seed + 1)
   init_key = jax.random.fold_in(jax.random.key(args.seed + 3), 0)
   sample = synthetic.sample_batch(init_key, dirs, probs, 2048,
                                   scfg.noise_std)
-  state = train.init_train_state(jax.random.key(args.seed + 2), cfg, tcfg, sample)
+  state = train_state.init_train_state(jax.random.key(args.seed + 2), cfg, tcfg, sample)
   history = []
   bar = tqdm(range(args.steps), desc=f"{allocation}+{aux}", leave=False, disable=args.quiet)
   for step in bar:
     x = synthetic.sample_batch(jax.random.fold_in(data_key, step), dirs, probs, args.batch,
                                scfg.noise_std)
-    state, m = train.jit_train_step(state, x, cfg=cfg, tcfg=tcfg)
+    state, m = dense_step.jit_train_step(state, x, cfg=cfg, tcfg=tcfg)
     if step % 20 == 0 or step == args.steps - 1:
       m = {k: float(v) for k, v in m.items()}
       history.append(m)

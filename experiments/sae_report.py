@@ -1,8 +1,8 @@
 """Tables, verdicts and plots of the SAE allocation experiment (`experiments.sae_allocation`).
 
 Rows are the dicts of `results.json["runs"]`: one per (source, strategy, aux loss, k,
-seed) with the held-out evaluation (`sae_jax.evaluate.evaluate_sae`; fidelity for the LM
-source, `sae_jax.recovery` scores for the synthetic one) and the training curve.
+seed) with the held-out evaluation (`sae_jax.evaluation.evaluate.evaluate_sae`; fidelity for the LM
+source, `sae_jax.evaluation.recovery` scores for the synthetic one) and the training curve.
 
 Every comparison is paired: two runs with the same seed share the data order and the
 initialisation seed, so a difference (e.g. Mutual Choice minus TopK at the same k) removes
@@ -21,7 +21,7 @@ import numpy as np
 
 from experiments.reporting import confidence_interval
 from experiments.reporting import holds
-from sae_jax import plots as sae_plots
+from sae_jax.evaluation import plots as sae_plots
 
 BASELINE = "topk"
 CHALLENGERS = ("mutual_choice", "feature_choice", "feature_choice_zipf")

@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
-from sae_jax import evaluate
-from sae_jax import probing
 from sae_jax.data import batches as batches_lib
 from sae_jax.data import corpus
 from sae_jax.data import harvest
 from sae_jax.data import minilm
 from sae_jax.data import store as store_lib
 from sae_jax.data import synthbench
+from sae_jax.evaluation import evaluate
+from sae_jax.evaluation import probing
 
 if TYPE_CHECKING:  # the preset type only; sae_allocation imports this module
   from experiments.sae_allocation import Preset

@@ -16,6 +16,6 @@ class ConfigMismatchError(CheckpointError, ValueError):
 class NonFiniteError(FloatingPointError):
   """Training met a NaN or infinity (in a batch or a loss).
 
-  Packages raise their own subclasses (``sae_jax.trainer.NonFiniteError``,
+  Packages raise their own subclasses (``sae_jax.training.loop.NonFiniteError``,
   ``pruning_jax.rounds.NonFiniteLossError``); catching this class catches both.
   """

@@ -5,26 +5,22 @@ References:
   Autoencoders", arXiv 2411.02124; Gao et al. 2024, "Scaling and evaluating sparse
   autoencoders", arXiv 2406.04093; Bussmann, Leask & Nanda 2024, "BatchTopK Sparse
   Autoencoders", arXiv 2412.06410.
+
+Layout: the SAE itself (:mod:`~sae_jax.model`, :mod:`~sae_jax.params`) and its losses
+and metrics (:mod:`~sae_jax.losses`, :mod:`~sae_jax.metrics`); the allocation ops
+(:mod:`sae_jax.allocation`); training (:mod:`sae_jax.training`: objective, steps,
+optimiser update, sharding, loop); evaluation and export (:mod:`sae_jax.evaluation`);
+data (:mod:`sae_jax.data`: activation stores, harvesting, the synthetic benchmark).
+Run plumbing shared with pruning_jax lives in :mod:`runkit`.
 """
 
 from sae_jax import allocation
-from sae_jax import distributed
-from sae_jax import evaluate
-from sae_jax import export
-from sae_jax import fast_select
-from sae_jax import fast_step
-from sae_jax import feature_choice_select
+from sae_jax import evaluation
 from sae_jax import losses
 from sae_jax import metrics
 from sae_jax import model
 from sae_jax import params
-from sae_jax import probing
-from sae_jax import recovery
-from sae_jax import sharded_allocation
-from sae_jax import sharding
-from sae_jax import sparse
-from sae_jax import train
-from sae_jax import trainer
+from sae_jax import training
 from sae_jax.allocation import batch_topk
 from sae_jax.allocation import feature_choice
 from sae_jax.allocation import feature_choice_fb
@@ -66,7 +62,7 @@ from sae_jax.params import geometric_median
 from sae_jax.params import normalize_decoder
 from sae_jax.params import project_decoder_grads
 from sae_jax.params import tied_init
-from sae_jax.probing import k_sparse_probe
-from sae_jax.probing import mean_difference_ranking
+from sae_jax.evaluation.probing import k_sparse_probe
+from sae_jax.evaluation.probing import mean_difference_ranking
 
 __version__ = "0.1.0"

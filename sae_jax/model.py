@@ -22,13 +22,12 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
 from sae_jax import allocation
-from sae_jax import sharded_allocation
 from sae_jax.params import SAEParams, tied_init
 
 ALLOCATIONS = ("topk", "batch_topk", "mutual_choice", "feature_choice",
                "feature_choice_zipf", "relu")
 SELECT_ON = ("relu", "raw")
-_FEATURE_CHOICE = ("feature_choice", "feature_choice_zipf")
+FEATURE_CHOICE = ("feature_choice", "feature_choice_zipf")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,9 +146,9 @@ def feature_capacities(cfg: SAEConfig, batch_size: int) -> np.ndarray:
   Raises:
     ValueError: if ``cfg.allocation`` is not a Feature Choice rule.
   """
-  if cfg.allocation not in _FEATURE_CHOICE:
+  if cfg.allocation not in FEATURE_CHOICE:
     raise ValueError(
-        f"cfg.allocation must be one of {_FEATURE_CHOICE} to have capacities; "
+        f"cfg.allocation must be one of {FEATURE_CHOICE} to have capacities; "
         f"got {cfg.allocation!r}.")
   total = allocation.mutual_choice_budget(batch_size, cfg.k)
   if cfg.allocation == "feature_choice":
@@ -217,7 +216,7 @@ def allocate(
       array does not cause recompilation. Only valid for Feature Choice.
     mesh: optional ("data", "model") mesh over which ``pre`` is sharded (tokens
       over "data", features over "model"); the selection then runs exactly over
-      the global batch with :mod:`sae_jax.sharded_allocation`.
+      the global batch with :mod:`sae_jax.allocation._sharded`.
 
   Returns:
     Boolean mask shaped like ``pre``. Exact counts: ``k`` per row for
@@ -234,9 +233,9 @@ def allocate(
   if pre.ndim != 2 or pre.shape[1] != cfg.d_sae:
     raise ValueError(
         f"pre must have shape [b, d_sae={cfg.d_sae}]; got {tuple(pre.shape)}.")
-  if capacity is not None and cfg.allocation not in _FEATURE_CHOICE:
+  if capacity is not None and cfg.allocation not in FEATURE_CHOICE:
     raise ValueError(
-        f"capacity is only accepted for allocation in {_FEATURE_CHOICE}; got "
+        f"capacity is only accepted for allocation in {FEATURE_CHOICE}; got "
         f"allocation={cfg.allocation!r}. Pass capacity=None.")
   pre = jax.lax.stop_gradient(pre)
   if cfg.allocation == "relu":
@@ -245,11 +244,11 @@ def allocate(
   sharded = mesh is not None and mesh.size > 1
   if cfg.allocation == "topk":
     if sharded:
-      return sharded_allocation.topk_sharded(scores_BxF, int(cfg.k), mesh)
+      return allocation.topk_sharded(scores_BxF, int(cfg.k), mesh)
     return allocation.topk(scores_BxF, int(cfg.k))
   if cfg.allocation in ("batch_topk", "mutual_choice"):
     if sharded:
-      return sharded_allocation.mutual_choice_sharded(scores_BxF, cfg.k, mesh)
+      return allocation.mutual_choice_sharded(scores_BxF, cfg.k, mesh)
     return allocation.mutual_choice(scores_BxF, cfg.k)
 
   batch_size = pre.shape[0]
@@ -264,8 +263,8 @@ def allocate(
     # selection width whatever values traced capacities take.
     max_capacity = batch_size
   if sharded:
-    return sharded_allocation.feature_choice_sharded(scores_BxF, capacity, mesh,
-                                                     max_capacity=max_capacity)
+    return allocation.feature_choice_sharded(scores_BxF, capacity, mesh,
+                                             max_capacity=max_capacity)
   return allocation.feature_choice(scores_BxF, capacity, max_capacity=max_capacity)
 
 

@@ -8,11 +8,11 @@ from sae_jax.data import minilm
 from sae_jax.data import store
 from sae_jax.data import synthbench
 from sae_jax.data import synthetic
+from sae_jax.data.batches import ShuffledBatches
 from sae_jax.data.corpus import CorpusSpec
 from sae_jax.data.corpus import iter_documents
 from sae_jax.data.minilm import load_minilm
 from sae_jax.data.minilm import load_tokenizer
-from sae_jax.data.batches import ShuffledBatches
 from sae_jax.data.store import StoreReader
 from sae_jax.data.store import StoreWriter
 from sae_jax.data.store import write_store_from_arrays

@@ -2,7 +2,7 @@
 
 Every token is a sparse non-negative sum of ``f`` known unit feature vectors in ``d``
 dimensions (``f > d``: superposition), so a trained SAE can be scored against the truth
-(:mod:`sae_jax.recovery`). The ingredients follow the published description of
+(:mod:`sae_jax.evaluation.recovery`). The ingredients follow the published description of
 SynthSAEBench; wherever it is silent the choice made here is documented where it is made:
 
 - feature vectors: random Gaussian directions whose pairwise overlaps are pushed down until

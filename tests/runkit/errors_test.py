@@ -3,14 +3,14 @@
 from absl.testing import absltest
 
 from pruning_jax import rounds
+from sae_jax.training import loop
 import runkit
-from sae_jax import trainer
 
 
 class NonFiniteErrorTest(absltest.TestCase):
 
   def test_package_errors_are_runkit_non_finite_errors(self):
-    for error in (trainer.NonFiniteError, rounds.NonFiniteLossError):
+    for error in (loop.NonFiniteError, rounds.NonFiniteLossError):
       self.assertTrue(issubclass(error, runkit.NonFiniteError), error)
       self.assertTrue(issubclass(error, FloatingPointError), error)
       with self.assertRaises(runkit.NonFiniteError):

@@ -9,7 +9,8 @@ import numpy as np
 from absl.testing import parameterized
 
 from sae_jax import allocation
-from sae_jax import fast_select
+
+from sae_jax.allocation import strategies
 
 
 def _order(values: np.ndarray) -> np.ndarray:
@@ -110,17 +111,17 @@ class MutualChoiceTest(chex.TestCase):
     # flat top-k.
     s = _scores(np.random.default_rng(14), 64, 128, kind)
     idx, saturated = jax.jit(
-        lambda x: allocation._mutual_choice_candidates(x, 64 * 4, 16))(s)
+        lambda x: strategies._mutual_choice_candidates(x, 64 * 4, 16))(s)
     self.assertFalse(bool(saturated))
     mask = np.zeros(s.shape, bool).reshape(-1)
     mask[np.asarray(idx)] = True
     np.testing.assert_array_equal(mask.reshape(s.shape), ref_mutual_choice(s, 4))
 
   def test_kth_largest_key(self):
-    keys = fast_select.sortable_key(jnp.array([3.0, -1.0, 7.0, 0.0, 7.0, -5.0]))
+    keys = allocation.sortable_key(jnp.array([3.0, -1.0, 7.0, 0.0, 7.0, -5.0]))
     for n, want in ((1, 7.0), (2, 7.0), (3, 3.0), (4, 0.0), (6, -5.0)):
-      self.assertEqual(int(fast_select.bisect_uint32(lambda u: jnp.sum(keys >= u), n)),
-                       int(fast_select.sortable_key(jnp.float32(want))))
+      self.assertEqual(int(allocation.bisect_uint32(lambda u: jnp.sum(keys >= u), n)),
+                       int(allocation.sortable_key(jnp.float32(want))))
 
   def test_row_needing_more_than_its_candidates_falls_back_exactly(self):
     # Row 0 dominates: under MC it takes 12 entries while only 2 candidates per row

@@ -1,4 +1,4 @@
-"""Tests for sae_jax.evaluate (batch statistics, evaluate_sae, fidelity) and sae_jax.plots."""
+"""Tests for sae_jax.evaluation.evaluate (batch statistics, evaluate_sae, fidelity) and plots."""
 
 import functools
 import pathlib
@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from sae_jax import evaluate
 from sae_jax import metrics
 from sae_jax import model
-from sae_jax import plots
 from sae_jax.data import bert
 from sae_jax.data import minilm
 from sae_jax.data.store import StoreStats
+from sae_jax.evaluation import evaluate
+from sae_jax.evaluation import plots
 from sae_jax.params import SAEParams, tied_init
 
 # Three tokens worked through by hand below; the identity SAE's features 0..3 are the
@@ -447,7 +447,8 @@ class PlotsTest(parameterized.TestCase):
         (lambda: plots.plot_density_vs_rank({"a": -np.ones(3)}, None, p), r"finite values >= 0"),
         (lambda: plots.plot_density_vs_rank({"a": np.ones(3)}, {"b": (1, 1)}, p),
          r"labels \['b'\]"),
-        (lambda: plots.plot_density_vs_rank({"a": np.ones(3)}, {"a": (0.0, 1)}, p), "C must be > 0"),
+        (lambda: plots.plot_density_vs_rank({"a": np.ones(3)}, {"a": (0.0, 1)}, p),
+         "C must be > 0"),
         (lambda: plots.plot_density_vs_rank({"a": np.ones(3)}, {"a": (1.0, np.nan)}, p),
          r"fits\['a'\] s must be a finite number"),
         (lambda: plots.plot_l0_histograms({"a": np.zeros(3)}, p), "positive total"),

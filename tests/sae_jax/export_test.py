@@ -1,4 +1,4 @@
-"""Tests for sae_jax.export: the SAELens folder layout, round trips and the loader."""
+"""Tests for sae_jax.evaluation.export: the SAELens folder layout, round trips and the loader."""
 
 import json
 import pathlib
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from sae_jax import evaluate
-from sae_jax import export
 from sae_jax import model
+from sae_jax.evaluation import evaluate
+from sae_jax.evaluation import export
 from sae_jax.params import SAEParams, tied_init
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")

@@ -17,19 +17,21 @@ WORKER = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 // nproc}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     import numpy as np
-    from sae_jax import distributed, model, train, trainer
+    from runkit import distributed
+    from sae_jax import model
+    from sae_jax.training import loop, train_state
     from sae_jax.data import synthetic
     if nproc > 1:
       distributed.initialize(f"localhost:{port}", nproc, pid)
     cfg = model.SAEConfig(d_model=8, d_sae=32, allocation="mutual_choice", k=3)
-    tcfg = train.TrainConfig(learning_rate=3e-3, warmup_steps=1, total_steps=5)
-    rcfg = trainer.RunConfig(steps=5, checkpoint_every=5, log_every=1, n_data=4, n_model=1,
-                             progress=False)
+    tcfg = train_state.TrainConfig(learning_rate=3e-3, warmup_steps=1, total_steps=5)
+    rcfg = loop.RunConfig(steps=5, checkpoint_every=5, log_every=1, n_data=4, n_model=1,
+                          progress=False)
     data = synthetic.SyntheticBatches(synthetic.SyntheticConfig(d_model=8, num_features=24),
                                       batch_size=64 // nproc, seed=0, process_index=pid,
                                       process_count=nproc)
-    state, _ = trainer.fit(os.path.join(out, "run"), cfg, tcfg, rcfg, data,
-                           init_sample=data.sample(128))
+    state, _ = loop.fit(os.path.join(out, "run"), cfg, tcfg, rcfg, data,
+                        init_sample=data.sample(128))
     params = [np.asarray(x.addressable_shards[0].data) if x.is_fully_replicated
               else np.asarray(x) for x in state.params]
     np.savez(os.path.join(out, f"final_{pid}.npz"), *params)

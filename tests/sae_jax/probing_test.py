@@ -1,9 +1,9 @@
-"""Tests for sae_jax.probing (k-sparse probing)."""
+"""Tests for sae_jax.evaluation.probing (k-sparse probing)."""
 
 import numpy as np
 from absl.testing import parameterized
 
-from sae_jax import probing
+from sae_jax.evaluation import probing
 
 
 def _labelled(n=400, f=12, seed=0, classes=2):

@@ -1,10 +1,10 @@
-"""Tests for sae_jax.recovery: Hungarian MCC, best-match precision/recall, the full report."""
+"""Tests for sae_jax.evaluation.recovery: Hungarian MCC, best-match precision/recall, report."""
 
 import numpy as np
 from absl.testing import absltest
 from absl.testing import parameterized
 
-from sae_jax import recovery
+from sae_jax.evaluation import recovery
 
 
 def _unit(rows):

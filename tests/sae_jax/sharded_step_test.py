@@ -15,9 +15,9 @@ import numpy as np
 from absl.testing import parameterized
 
 from sae_jax import model
-from sae_jax import sharded_step
-from sae_jax import sharding
-from sae_jax import train
+from sae_jax.training import sharded_step
+from sae_jax.training import sharding
+from sae_jax.training import train_state
 
 D, F, B = 16, 64, 64
 MESHES = ((8, 1), (2, 4), (1, 8))
@@ -26,8 +26,8 @@ MESHES = ((8, 1), (2, 4), (1, 8))
 def _configs(allocation, aux="none", weighted=False, k=4):
   cfg = model.SAEConfig(d_model=D, d_sae=F, allocation=allocation, k=k)
   # dead_after_tokens of one batch: features left out of a batch are aux_k candidates.
-  tcfg = train.TrainConfig(learning_rate=3e-3, warmup_steps=1, total_steps=20,
-                           aux_loss=aux, dead_after_tokens=B, zipf_weighted=weighted)
+  tcfg = train_state.TrainConfig(learning_rate=3e-3, warmup_steps=1, total_steps=20,
+                                 aux_loss=aux, dead_after_tokens=B, zipf_weighted=weighted)
   return cfg, tcfg
 
 
@@ -87,7 +87,7 @@ class ShardedSparseStepTest(parameterized.TestCase):
     cfg, _ = _configs("topk")
     # Its own settings: the jitted programs of the other tests were built with the default
     # block and are cached by configuration.
-    tcfg = train.TrainConfig(learning_rate=2e-3, warmup_steps=1, total_steps=20)
+    tcfg = train_state.TrainConfig(learning_rate=2e-3, warmup_steps=1, total_steps=20)
     mesh_one = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
     ref, _ = _train(cfg, tcfg, mesh_one, _batches(2), sparse=False)
     with mock.patch.object(sharded_step, "REDUCE_BLOCK", 8):  # 64 / 8 and 16 / 8 blocks
@@ -98,13 +98,13 @@ class ShardedSparseStepTest(parameterized.TestCase):
   @parameterized.parameters("topk", "mutual_choice", "feature_choice", "feature_choice_zipf")
   def test_selection_equals_the_dense_mask(self, allocation):
     cfg, tcfg = _configs(allocation)
-    params = train.init_train_state(jax.random.key(1), cfg, tcfg).params
+    params = train_state.init_train_state(jax.random.key(1), cfg, tcfg).params
     x = jax.random.normal(jax.random.key(2), (B, D))
     dense = np.asarray(model.allocate(model.encode_pre(params, x, cfg), cfg))
     for shape in MESHES:
       mesh = sharding.make_mesh(*shape)
       p = jax.device_put(params, sharding.state_shardings(
-          train.init_train_state(jax.random.key(1), cfg, tcfg), mesh).params)
+          train_state.init_train_state(jax.random.key(1), cfg, tcfg), mesh).params)
       got = sharded_step.selection_mask(p, jax.device_put(x, sharding.batch_sharding(mesh)),
                                         cfg, mesh, chunk_tokens=16)
       np.testing.assert_array_equal(np.asarray(got), dense, err_msg=str(shape))
@@ -114,7 +114,7 @@ class ShardedSparseStepTest(parameterized.TestCase):
     """Duplicated tokens and features, and all-equal scores: ties go where the dense rule
     sends them (lower column, row-major index, lower row)."""
     cfg, tcfg = _configs(allocation)
-    params = train.init_train_state(jax.random.key(1), cfg, tcfg).params
+    params = train_state.init_train_state(jax.random.key(1), cfg, tcfg).params
     W_enc = params.W_enc.at[:, 8:16].set(params.W_enc[:, :8])      # duplicated features
     W_enc = W_enc.at[:, 40:48].set(params.W_enc[:, 0:8])            # ... across shards
     x = jax.random.normal(jax.random.key(2), (B, D))
@@ -131,7 +131,7 @@ class ShardedSparseStepTest(parameterized.TestCase):
   def test_mutual_choice_token_beyond_its_proposals_falls_back_exactly(self):
     """One token with a huge norm takes more than its 4k proposals on one device."""
     cfg, tcfg = _configs("mutual_choice", k=2)
-    params = train.init_train_state(jax.random.key(1), cfg, tcfg).params
+    params = train_state.init_train_state(jax.random.key(1), cfg, tcfg).params
     x = jax.random.normal(jax.random.key(2), (B, D)).at[5].mul(1e3)
     dense = np.asarray(model.allocate(model.encode_pre(params, x, cfg), cfg))
     self.assertGreater(dense[5].sum(), 8)  # more than 4 * k entries for token 5
@@ -148,7 +148,7 @@ class ShardedSparseStepTest(parameterized.TestCase):
 
     def lowered(allocation):
       cfg, tcfg = _configs(allocation)
-      params = train.init_train_state(jax.random.key(1), cfg, tcfg).params
+      params = train_state.init_train_state(jax.random.key(1), cfg, tcfg).params
       return jax.jit(lambda p, v: sharded_step.selection_mask(p, v, cfg, mesh)).lower(
           params, x).as_text()
 
@@ -171,7 +171,7 @@ class BFloat16Test(parameterized.TestCase):
   def test_selection_is_exact_on_bfloat16_scores(self, allocation):
     cfg = model.SAEConfig(d_model=D, d_sae=F, allocation=allocation, k=4,
                           dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    params = train.init_train_state(jax.random.key(1), cfg, train.TrainConfig()).params
+    params = train_state.init_train_state(jax.random.key(1), cfg, train_state.TrainConfig()).params
     x = jax.random.normal(jax.random.key(2), (B, D))
     pre = model.encode_pre(params, x, cfg)
     self.assertEqual(pre.dtype, jnp.bfloat16)
@@ -191,7 +191,7 @@ class BFloat16Test(parameterized.TestCase):
     xs = [synthetic.sample_batch(jax.random.fold_in(jax.random.key(1), i), dirs, probs, 256,
                                  scfg.noise_std) for i in range(100)]
     mesh = sharding.make_mesh(*shape, devices=jax.devices()[:shape[0] * shape[1]])
-    tcfg = train.TrainConfig(learning_rate=3e-3, warmup_steps=10, total_steps=100)
+    tcfg = train_state.TrainConfig(learning_rate=3e-3, warmup_steps=10, total_steps=100)
     curves = {}
     for dt in (jnp.float32, jnp.bfloat16):
       cfg = model.SAEConfig(d_model=32, d_sae=128, allocation=allocation, k=4, dtype=dt,

@@ -8,9 +8,9 @@ from absl.testing import parameterized
 from jax.sharding import PartitionSpec as P
 
 from sae_jax import model
-from sae_jax import sharding
-from sae_jax import train
 from sae_jax.data import synthetic
+from sae_jax.training import sharding
+from sae_jax.training import train_state
 
 
 # One compiled forward per configuration and mesh, reused across steps.
@@ -22,8 +22,8 @@ def _run(mesh, allocation, steps=3):
   scfg = synthetic.SyntheticConfig(d_model=16, num_features=48, mean_active=3.0)
   dirs, probs = synthetic.ground_truth(jax.random.key(0), scfg)
   cfg = model.SAEConfig(d_model=16, d_sae=64, allocation=allocation, k=4)
-  tcfg = train.TrainConfig(learning_rate=3e-3, warmup_steps=1, total_steps=20,
-                           aux_loss="aux_zipf" if allocation == "mutual_choice" else "none")
+  tcfg = train_state.TrainConfig(learning_rate=3e-3, warmup_steps=1, total_steps=20,
+                                 aux_loss="aux_zipf" if allocation == "mutual_choice" else "none")
   sample = synthetic.sample_batch(jax.random.key(5), dirs, probs, 256, scfg.noise_std)
   state = sharding.init_sharded_state(jax.random.key(2), cfg, tcfg, mesh, sample)
   step = sharding.jit_sharded_step(cfg, tcfg, mesh, jax.eval_shape(lambda: state))
@@ -98,7 +98,7 @@ class StepChoiceTest(parameterized.TestCase):
 
   def _configs(self, allocation):
     return (model.SAEConfig(d_model=16, d_sae=64, allocation=allocation, k=4),
-            train.TrainConfig(learning_rate=3e-3, warmup_steps=1, total_steps=20))
+            train_state.TrainConfig(learning_rate=3e-3, warmup_steps=1, total_steps=20))
 
   @parameterized.parameters("topk", "mutual_choice", "feature_choice", "feature_choice_zipf")
   def test_one_device_defaults_to_the_sparse_step(self, allocation):

@@ -16,13 +16,15 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import runkit
-from sae_jax import fast_step
 from sae_jax import metrics
 from sae_jax import model
 from sae_jax import params as sae_params
-from sae_jax import sharded_step
-from sae_jax import train
+from sae_jax.training import dense_step
+from sae_jax.training import selection
+from sae_jax.training import sharded_step
+from sae_jax.training import sparse_step
+from sae_jax.training import train_state
+import runkit
 
 DATA = "data"
 MODEL = "model"
@@ -50,7 +52,7 @@ def param_specs() -> sae_params.SAEParams:
                               b_dec=P())
 
 
-def state_shardings(state_shape: train.TrainState, mesh: Mesh) -> train.TrainState:
+def state_shardings(state_shape: train_state.TrainState, mesh: Mesh) -> train_state.TrainState:
   """NamedShardings for every leaf of a TrainState (or its ``eval_shape``)."""
   pspecs = param_specs()
 
@@ -64,7 +66,7 @@ def state_shardings(state_shape: train.TrainState, mesh: Mesh) -> train.TrainSta
 
   is_node = lambda x: isinstance(x, (sae_params.SAEParams, metrics.FeatureUsageState))
   out = jax.tree.map(for_node, state_shape, is_leaf=is_node)
-  if isinstance(out, train.TrainState):
+  if isinstance(out, train_state.TrainState):
     out = out._replace(threshold=NamedSharding(mesh, P(MODEL)))
   return out
 
@@ -83,12 +85,12 @@ def _shape_key(tree) -> tuple:
 _PROGRAMS: dict[tuple, object] = {}
 
 
-def _init_from(key, sample, *, cfg: model.SAEConfig, tcfg: train.TrainConfig):
-  return train.init_train_state(key, cfg, tcfg, sample=sample)
+def _init_from(key, sample, *, cfg: model.SAEConfig, tcfg: train_state.TrainConfig):
+  return train_state.init_train_state(key, cfg, tcfg, sample=sample)
 
 
-def init_sharded_state(key, cfg: model.SAEConfig, tcfg: train.TrainConfig, mesh: Mesh,
-                       sample=None) -> train.TrainState:
+def init_sharded_state(key, cfg: model.SAEConfig, tcfg: train_state.TrainConfig, mesh: Mesh,
+                       sample=None) -> train_state.TrainState:
   """Initialises the train state directly in its sharded layout."""
   n_model = mesh.shape[MODEL]
   if cfg.d_sae % n_model:
@@ -103,19 +105,19 @@ def init_sharded_state(key, cfg: model.SAEConfig, tcfg: train.TrainConfig, mesh:
 
 def uses_sparse_step(cfg: model.SAEConfig, mesh: Mesh, sparse: bool | None = None) -> bool:
   """Whether :func:`jit_sharded_step` runs a sparse step for this configuration."""
-  return sparse is not False and fast_step.supports(cfg)
+  return sparse is not False and selection.supports(cfg)
 
 
-def jit_sharded_step(cfg: model.SAEConfig, tcfg: train.TrainConfig, mesh: Mesh,
-                     state_shape: train.TrainState, sparse: bool | None = None,
-                     chunk_tokens: int = fast_step.DEFAULT_CHUNK_TOKENS):
+def jit_sharded_step(cfg: model.SAEConfig, tcfg: train_state.TrainConfig, mesh: Mesh,
+                     state_shape: train_state.TrainState, sparse: bool | None = None,
+                     chunk_tokens: int = selection.DEFAULT_CHUNK_TOKENS):
   """The training step jitted once with explicit in/out shardings and a donated state.
 
   By default a sparse step runs wherever it supports the configuration (every
   allocation but the ReLU+L1 baseline, float32): on a one-device mesh
-  :func:`sae_jax.fast_step.fast_train_step`, on any larger mesh
-  :func:`sae_jax.sharded_step.sharded_sparse_step`; both make the update of the dense
-  :func:`sae_jax.train.train_step` to float32 rounding at a fraction of its cost. The
+  :func:`sae_jax.training.sparse_step.fast_train_step`, on any larger mesh
+  :func:`sae_jax.training.sharded_step.sharded_sparse_step`; both make the update of the dense
+  :func:`sae_jax.training.dense_step.train_step` to float32 rounding at a fraction of its cost. The
   dense step runs otherwise, or whenever ``sparse=False``.
 
   ``chunk_tokens`` is the sparse steps' largest chunk of tokens per encoder pass on
@@ -128,9 +130,9 @@ def jit_sharded_step(cfg: model.SAEConfig, tcfg: train.TrainConfig, mesh: Mesh,
   Raises:
     ValueError: if ``sparse=True`` for a configuration no sparse step supports.
   """
-  if sparse and not fast_step.supports(cfg):
+  if sparse and not selection.supports(cfg):
     raise ValueError(
-        f"sparse=True needs an allocation in {fast_step.FAST_ALLOCATIONS} with float32 "
+        f"sparse=True needs an allocation in {selection.FAST_ALLOCATIONS} with float32 "
         f"dtypes; got allocation={cfg.allocation!r}, dtype={jax.numpy.dtype(cfg.dtype).name},"
         f" param_dtype={jax.numpy.dtype(cfg.param_dtype).name}. Pass sparse=None to choose "
         "automatically.")
@@ -141,14 +143,14 @@ def jit_sharded_step(cfg: model.SAEConfig, tcfg: train.TrainConfig, mesh: Mesh,
   shardings = state_shardings(state_shape, mesh)
   replicated = NamedSharding(mesh, P())
   if use_sparse and mesh.size == 1:
-    step = functools.partial(fast_step.fast_train_step, cfg=cfg, tcfg=tcfg,
+    step = functools.partial(sparse_step.fast_train_step, cfg=cfg, tcfg=tcfg,
                              chunk_tokens=chunk_tokens)
   elif use_sparse:
     specs = jax.tree.map(lambda s: s.spec, shardings)
     step = functools.partial(sharded_step.sharded_sparse_step, cfg=cfg, tcfg=tcfg, mesh=mesh,
                              state_specs=specs, chunk_tokens=chunk_tokens)
   else:
-    step = functools.partial(train.train_step, cfg=cfg, tcfg=tcfg, mesh=mesh)
+    step = functools.partial(dense_step.train_step, cfg=cfg, tcfg=tcfg, mesh=mesh)
   _PROGRAMS[cache_key] = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
                                  out_shardings=(shardings, replicated), donate_argnums=(0,))
   return _PROGRAMS[cache_key]

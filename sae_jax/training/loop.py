@@ -1,6 +1,6 @@
 """The SAE training loop: sharded steps, checkpoints, resume, progress and metrics.
 
-``fit`` drives :func:`sae_jax.sharding.jit_sharded_step` over any batch source that
+``fit`` drives :func:`sae_jax.training.sharding.jit_sharded_step` over any batch source that
 follows the data protocol (``next(batches)`` -> ``[b, d]`` float32 host array,
 ``batches.state()`` -> JSON-able position, ``batches.restore(position)``), e.g.
 :class:`sae_jax.data.batches.ShuffledBatches` or
@@ -45,10 +45,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-import runkit
 from sae_jax import model
-from sae_jax import sharding
-from sae_jax import train
+from sae_jax.training import sharding
+from sae_jax.training import train_state
+import runkit
 
 CONFIG_FILE = runkit.CONFIG_FILE
 METRICS_FILE = "metrics.jsonl"
@@ -243,9 +243,9 @@ def _check_run_folder(run_dir: pathlib.Path, configs: dict, metrics: runkit.Metr
         f"or delete its {METRICS_FILE} to start over in it.")
 
 
-def fit(run_dir: str | os.PathLike, cfg: model.SAEConfig, tcfg: train.TrainConfig,
+def fit(run_dir: str | os.PathLike, cfg: model.SAEConfig, tcfg: train_state.TrainConfig,
         rcfg: RunConfig, batches, *, init_sample=None,
-        on_step: Callable[[int], Any] | None = None) -> tuple[train.TrainState, dict]:
+        on_step: Callable[[int], Any] | None = None) -> tuple[train_state.TrainState, dict]:
   """Trains (or resumes training) an SAE in ``run_dir``.
 
   Args:
@@ -286,8 +286,8 @@ def fit(run_dir: str | os.PathLike, cfg: model.SAEConfig, tcfg: train.TrainConfi
         print(f"resuming {run_dir} from step {latest} (checkpoint {ckpt.path(latest)})",
               flush=True)
       abstract = jax.eval_shape(
-          lambda: train.init_train_state(key, cfg, tcfg, None if init_sample is None
-                                         else np.zeros(np.shape(init_sample), np.float32)))
+          lambda: train_state.init_train_state(key, cfg, tcfg, None if init_sample is None
+                                               else np.zeros(np.shape(init_sample), np.float32)))
       shardings = sharding.state_shardings(abstract, mesh)
       target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)

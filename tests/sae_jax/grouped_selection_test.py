@@ -1,4 +1,4 @@
-"""Tests for sae_jax.fast_select: the grouped kernels equal plain lax.top_k selections.
+"""Tests for sae_jax.allocation._grouped: the grouped kernels equal plain lax.top_k selections.
 
 Shapes are chosen so that grouping really happens (at least 4k groups per row), with
 adversarial inputs: many ties, constant rows, ReLU zeros, signed zeros and infinities,
@@ -15,7 +15,7 @@ from absl.testing import parameterized
 from jax import lax
 
 from sae_jax import allocation
-from sae_jax import fast_select
+from sae_jax.allocation import _grouped
 
 from tests.sae_jax.allocation_test import ref_feature_choice
 from tests.sae_jax.allocation_test import ref_mutual_choice
@@ -54,25 +54,25 @@ class RowsTopKTest(chex.TestCase):
   @parameterized.product(kind=KINDS, k=(1, 2, 7))
   def test_equals_lax_top_k(self, kind, k):
     s = jnp.asarray(_scores(np.random.default_rng(0), 6, 256, kind))
-    vals, cols = self.variant(functools.partial(fast_select.rows_topk, k=k))(s)
+    vals, cols = self.variant(functools.partial(allocation.rows_topk, k=k))(s)
     want_vals, want_cols = lax.top_k(s, k)
     np.testing.assert_array_equal(np.asarray(cols), np.asarray(want_cols))
     np.testing.assert_array_equal(_bits(vals), _bits(want_vals))
 
   def test_group_sizes_used(self):
     # k=2 groups by 32, k=7 needs 28 groups so by 8; k=40 cannot group 256 columns.
-    self.assertEqual(fast_select._group_size(256, 2), 32)
-    self.assertEqual(fast_select._group_size(256, 7), 8)
-    self.assertIsNone(fast_select._group_size(256, 40))
+    self.assertEqual(_grouped._group_size(256, 2), 32)
+    self.assertEqual(_grouped._group_size(256, 7), 8)
+    self.assertIsNone(_grouped._group_size(256, 40))
 
   def test_ungrouped_shapes_fall_back(self):
     s = jnp.asarray(_scores(np.random.default_rng(1), 4, 13, "ties"))
-    np.testing.assert_array_equal(np.asarray(fast_select.rows_topk(s, 3)[1]),
+    np.testing.assert_array_equal(np.asarray(allocation.rows_topk(s, 3)[1]),
                                   np.asarray(lax.top_k(s, 3)[1]))
 
   def test_bfloat16(self):
     s = jnp.asarray(_scores(np.random.default_rng(2), 4, 512, "normal"), jnp.bfloat16)
-    vals, cols = jax.jit(fast_select.rows_topk, static_argnums=1)(s, 4)
+    vals, cols = jax.jit(allocation.rows_topk, static_argnums=1)(s, 4)
     want_vals, want_cols = lax.top_k(s, 4)
     np.testing.assert_array_equal(np.asarray(cols), np.asarray(want_cols))
     np.testing.assert_array_equal(np.asarray(vals, np.float32), np.asarray(want_vals, np.float32))
@@ -84,7 +84,7 @@ class ColsTopKTest(chex.TestCase):
   @parameterized.product(kind=KINDS, k=(1, 3))
   def test_equals_lax_top_k_of_transpose(self, kind, k):
     s = jnp.asarray(_scores(np.random.default_rng(3), 128, 24, kind))
-    vals, rows = self.variant(functools.partial(fast_select.cols_topk, k=k))(s)
+    vals, rows = self.variant(functools.partial(allocation.cols_topk, k=k))(s)
     want_vals, want_rows = lax.top_k(s.T, k)
     np.testing.assert_array_equal(np.asarray(rows), np.asarray(want_rows))
     np.testing.assert_array_equal(_bits(vals), _bits(want_vals))
@@ -96,7 +96,7 @@ class CompactTest(parameterized.TestCase):
   def test_matches_flatnonzero(self, density):
     mask = np.random.default_rng(4).random((37, 64)) < density
     size = 500
-    idx, count = jax.jit(fast_select.compact, static_argnums=1)(jnp.asarray(mask), size)
+    idx, count = jax.jit(_grouped.compact, static_argnums=1)(jnp.asarray(mask), size)
     want = np.flatnonzero(mask)
     self.assertEqual(int(count), want.size)
     m = min(size, want.size)
@@ -104,7 +104,7 @@ class CompactTest(parameterized.TestCase):
 
   def test_prefix_counts_exact(self):
     mask = np.random.default_rng(5).random((50, 96)) < 0.5
-    got = jax.jit(fast_select._inclusive_prefix_counts)(jnp.asarray(mask))
+    got = jax.jit(_grouped._inclusive_prefix_counts)(jnp.asarray(mask))
     np.testing.assert_array_equal(np.asarray(got).reshape(-1), np.cumsum(mask.reshape(-1)))
 
 
@@ -115,7 +115,7 @@ class TopNTest(chex.TestCase):
   def test_exact_when_ok(self, kind, k):
     s = _scores(np.random.default_rng(6), 16, 256, kind)
     n = allocation.mutual_choice_budget(16, k)
-    mask, ok = self.variant(functools.partial(fast_select.top_n_mask, n=n))(jnp.asarray(s))
+    mask, ok = self.variant(functools.partial(_grouped.top_n_mask, n=n))(jnp.asarray(s))
     if kind in ("normal", "relu", "clustered"):
       self.assertTrue(bool(ok))  # ordinary inputs never need the fallback
     if bool(ok):
@@ -123,7 +123,7 @@ class TopNTest(chex.TestCase):
 
   def test_ties_beyond_slack_report_not_ok(self):
     s = jnp.full((8, 256), 1.0)  # all 64 group maxima tie; 18 candidate slots
-    _, ok = fast_select.top_n_mask(s, 16)
+    _, ok = _grouped.top_n_mask(s, 16)
     self.assertFalse(bool(ok))
 
   def test_one_row_takes_most_of_the_budget(self):
@@ -131,7 +131,7 @@ class TopNTest(chex.TestCase):
     rng = np.random.default_rng(7)
     s = rng.normal(size=(32, 256)).astype(np.float32)
     s[2, :200] += 50.0
-    mask, ok = fast_select.top_n_mask(jnp.asarray(s), 256)
+    mask, ok = _grouped.top_n_mask(jnp.asarray(s), 256)
     self.assertTrue(bool(ok))
     np.testing.assert_array_equal(np.asarray(mask), ref_mutual_choice(s, 8))
     self.assertEqual(int(np.asarray(mask)[2].sum()), 200)
@@ -139,8 +139,8 @@ class TopNTest(chex.TestCase):
   def test_indices_as_groups_round_trip(self):
     rng = np.random.default_rng(8)
     flat = rng.choice(16 * 64, size=100, replace=False)
-    groups, keep = fast_select.indices_as_groups(jnp.asarray(flat), 8, 120)
-    got = fast_select.groups_to_mask(groups, keep, (16, 64))
+    groups, keep = _grouped.indices_as_groups(jnp.asarray(flat), 8, 120)
+    got = _grouped.groups_to_mask(groups, keep, (16, 64))
     want = np.zeros(16 * 64, bool)
     want[flat] = True
     np.testing.assert_array_equal(np.asarray(got).reshape(-1), want)

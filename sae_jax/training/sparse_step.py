@@ -1,20 +1,19 @@
 """A sparse SAE training step whose only dense work is the encoder matmul.
 
-:func:`fast_train_step` computes the same update as :func:`sae_jax.train.train_step`
+:func:`fast_train_step` computes the same update as :func:`sae_jax.training.dense_step.train_step`
 (same selection, same parameters up to float32 rounding) without ever holding a
 ``[b, f]`` array other than one chunk of pre-activations:
 
 1. The encoder runs over chunks of ``chunk_tokens`` tokens and the selection becomes a
    flat list of ``(token, feature, pre-activation)`` triples of static length, exactly
-   the dense path's kept entries (:mod:`sae_jax.chunked_select`; its :func:`select`,
-   :class:`Selection`, :func:`supports` and :func:`check_fast_config` are re-exported
-   here). Peak memory holds one chunk of pre-activations, not the batch.
-2. Loss and gradients run through the kernels of :mod:`sae_jax.sparse`: decoding costs
-   ``n * d`` and the encoder gradient is a scatter of ``n`` rows.
-3. Decoder-gradient projection, clipping, Adam and decoder renormalisation run in
-   place, two passes per weight (:mod:`sae_jax.fused_adam`, optax's formulas and state), so
-   the only large temporaries are the two weight gradients and one chunk. The
-   usage/threshold statistics are the reference's, computed from the triples.
+   the dense path's kept entries (:func:`sae_jax.training.selection.select`). Peak memory
+   holds one chunk of pre-activations, not the batch.
+2. Loss and gradients run through the kernels of :mod:`sae_jax.training.sparse_kernels`:
+   decoding costs ``n * d`` and the encoder gradient is a scatter of ``n`` rows.
+3. Decoder-gradient projection, clipping, Adam and decoder renormalisation run in place, two
+   passes per weight (:mod:`sae_jax.training.adam`, optax's formulas and state), so the only
+   large temporaries are the two weight gradients and one chunk. The usage/threshold
+   statistics are the reference's, computed from the triples.
 
 The auxiliary losses (aux_k, aux_zipf) take their per-token top-``k_aux`` over candidate
 features chunk by chunk. Their ``b * k_aux`` entries are then decoded in one of two forms,
@@ -25,15 +24,15 @@ chosen per static shape by :func:`aux_form` (same result up to float32 rounding)
   ``k_aux = 384`` of ``f = 32768``: 1.2 %);
 * "dense": per encoder chunk, a dense ``[chunk, f]`` block of auxiliary codes multiplied
   by ``W_dec``; the backward pass and the encoder gradient (into which the main
-  triples are folded) are matmuls of the same shape (:func:`sparse.row_block_decode`).
+  triples are folded) are matmuls of the same shape (:func:`sparse_kernels.row_block_decode`).
   At small widths (``k_aux = d / 2`` is 12.5 % of ``f = 4 d``) gathering and scattering
   one ``d``-row per entry costs several times these matmuls.
 
 Supported: allocations "topk", "batch_topk"/"mutual_choice", "feature_choice" and
-"feature_choice_zipf" (capacities in static tiers, :func:`chunked_select.capacity_tiers`),
+"feature_choice_zipf" (capacities in static tiers, :func:`selection.capacity_tiers`),
 float32 or bfloat16 compute and parameters (which tensor is in which dtype: see
-:mod:`sae_jax.sharded_step`), one device (no mesh; :mod:`sae_jax.sharded_step` runs the
-same work on a mesh).
+:mod:`sae_jax.training.sharded_step`), one device (no mesh;
+:mod:`sae_jax.training.sharded_step` runs the same work on a mesh).
 
 References:
   Gao et al. 2024, "Scaling and evaluating sparse autoencoders", arXiv 2406.04093;
@@ -47,27 +46,20 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from sae_jax import fused_adam
 from sae_jax import losses
 from sae_jax import metrics
 from sae_jax import model
-from sae_jax import objective
 from sae_jax import params as sae_params
-from sae_jax import sparse
-from sae_jax import train
-from sae_jax.chunked_select import DEFAULT_CHUNK_TOKENS
-from sae_jax.chunked_select import FAST_ALLOCATIONS
-from sae_jax.chunked_select import FEATURE_CHOICE
-from sae_jax.chunked_select import Selection
-from sae_jax.chunked_select import check_fast_config
-from sae_jax.chunked_select import select
-from sae_jax.chunked_select import supports
+from sae_jax.training import adam
+from sae_jax.training import dense_step
+from sae_jax.training import objective
+from sae_jax.training import selection
+from sae_jax.training import sparse_kernels
+from sae_jax.training import train_state
 
-__all__ = ["fast_train_step", "jit_fast_train_step", "aux_form",
-           "AUX_FORMS", "DENSE_AUX_MIN_FRACTION", "usage_update", "threshold_update",
-           "feature_counts", "batch_min",
-           "select", "Selection", "supports", "check_fast_config", "FAST_ALLOCATIONS",
-           "DEFAULT_CHUNK_TOKENS"]
+__all__ = ["fast_train_step", "jit_fast_train_step", "aux_form", "AUX_FORMS",
+           "DENSE_AUX_MIN_FRACTION", "usage_update", "threshold_update", "feature_counts",
+           "batch_min"]
 
 
 AUX_FORMS = ("auto", "dense", "triples")
@@ -96,21 +88,22 @@ def aux_form(num_features: int, k_aux: int) -> str:
   return "dense" if k_aux >= DENSE_AUX_MIN_FRACTION * num_features else "triples"
 
 
-def _sparse_loss(dec: tuple[Array, Array], pre_N, aux_pre_N, x, sel: Selection,
-                 aux_sel: Selection | None, aux_candidates, aux_weights, cfg: model.SAEConfig,
-                 tcfg: train.TrainConfig, aux_block_rows: int | None = None):
+def _sparse_loss(dec: tuple[Array, Array], pre_N, aux_pre_N, x, sel: selection.Selection,
+                 aux_sel: selection.Selection | None, aux_candidates, aux_weights,
+                 cfg: model.SAEConfig, tcfg: train_state.TrainConfig,
+                 aux_block_rows: int | None = None):
   """The training loss as a function of the decoder and of the selected pre-activations.
 
   The encoder enters only through ``pre_N`` and ``aux_pre_N`` (the pre-activations at
   the triples), so their gradients are the sparse score cotangents from which
-  :func:`sparse.encoder_grads` builds the encoder gradients. With ``aux_block_rows``
+  :func:`sparse_kernels.encoder_grads` builds the encoder gradients. With ``aux_block_rows``
   the auxiliary entries (``k_aux`` per token, row-major) are decoded in the dense form,
   blocks of that many tokens.
   """
   W_dec, b_dec = dec
   b = x.shape[0]
   codes_N = jnp.where(sel.valid, jax.nn.relu(pre_N), jnp.zeros_like(pre_N))
-  recon_BxD = sparse.sparse_decode(codes_N, sel.rows, sel.cols, W_dec, b) + b_dec
+  recon_BxD = sparse_kernels.sparse_decode(codes_N, sel.rows, sel.cols, W_dec, b) + b_dec
   nmse = metrics.normalized_mse(recon_BxD, x)
   l1 = None
   if cfg.l1_coefficient > 0:
@@ -122,10 +115,10 @@ def _sparse_loss(dec: tuple[Array, Array], pre_N, aux_pre_N, x, sel: Selection,
         None if aux_weights is None else aux_weights[aux_sel.cols]))
     residual_BxD = x - jax.lax.stop_gradient(recon_BxD)
     if aux_block_rows is None:
-      residual_hat_BxD = sparse.sparse_decode(aux_codes_N, aux_sel.rows, aux_sel.cols,
-                                              W_dec, b)
+      residual_hat_BxD = sparse_kernels.sparse_decode(aux_codes_N, aux_sel.rows, aux_sel.cols,
+                                                      W_dec, b)
     else:
-      residual_hat_BxD = sparse.row_block_decode(
+      residual_hat_BxD = sparse_kernels.row_block_decode(
           aux_codes_N.reshape(b, -1), aux_sel.cols.reshape(b, -1), W_dec, aux_block_rows)
     aux = losses.residual_loss(
         *metrics.reconstruction_error_terms(residual_hat_BxD, residual_BxD),
@@ -134,29 +127,31 @@ def _sparse_loss(dec: tuple[Array, Array], pre_N, aux_pre_N, x, sel: Selection,
   return loss, (codes_N, nmse, aux)
 
 
-def usage_update(state: metrics.FeatureUsageState, sel: Selection, codes: Float[Array, "n"],
-                 num_tokens: int, decay: float) -> metrics.FeatureUsageState:
+def usage_update(state: metrics.FeatureUsageState, sel: selection.Selection,
+                 codes: Float[Array, "n"], num_tokens: int, decay: float
+                 ) -> metrics.FeatureUsageState:
   """``metrics.feature_usage_update`` from the triples instead of a ``[b, f]`` code matrix."""
   return metrics.feature_usage_from_counts(state, feature_counts(sel, codes,
                                                                  state.density_ema.shape[0]),
                                            num_tokens, decay=decay)
 
 
-def feature_counts(sel: Selection, codes: Float[Array, "n"], num_features: int
+def feature_counts(sel: selection.Selection, codes: Float[Array, "n"], num_features: int
                    ) -> Float[Array, "f"]:
   """Per-feature number of positive codes among the triples (float32, exact to 2**24)."""
   return jnp.zeros((num_features,), jnp.float32).at[sel.cols].add(
       (codes > 0).astype(jnp.float32))
 
 
-def threshold_update(threshold: Float[Array, "f"], sel: Selection, codes: Float[Array, "n"],
-                     cfg: model.SAEConfig, decay: float) -> Float[Array, "f"]:
-  """``train.update_threshold`` from the triples: EMA of the smallest kept positive code."""
+def threshold_update(threshold: Float[Array, "f"], sel: selection.Selection,
+                     codes: Float[Array, "n"], cfg: model.SAEConfig, decay: float
+                     ) -> Float[Array, "f"]:
+  """``dense_step.update_threshold`` from the triples: EMA of the smallest kept positive code."""
   return objective.threshold_from_batch_min(threshold, batch_min(threshold, sel, codes, cfg),
                                             decay)
 
 
-def batch_min(threshold: Float[Array, "f"], sel: Selection, codes: Float[Array, "n"],
+def batch_min(threshold: Float[Array, "f"], sel: selection.Selection, codes: Float[Array, "n"],
               cfg: model.SAEConfig) -> Float[Array, "f"]:
   """The smallest kept positive code, per feature (Feature Choice) or broadcast; +inf if none."""
   positive_N = jnp.where(codes > 0, codes, jnp.inf)
@@ -165,10 +160,11 @@ def batch_min(threshold: Float[Array, "f"], sel: Selection, codes: Float[Array, 
   return jnp.broadcast_to(positive_N.min(), threshold.shape)
 
 
-def fast_train_step(state: train.TrainState, x: Float[Array, "b d"], cfg: model.SAEConfig,
-                    tcfg: train.TrainConfig, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                    aux_form: str = "auto") -> tuple[train.TrainState, dict[str, Array]]:
-  """One optimisation step equal to ``train.train_step`` without dense ``[b, f]`` work.
+def fast_train_step(state: train_state.TrainState, x: Float[Array, "b d"], cfg: model.SAEConfig,
+                    tcfg: train_state.TrainConfig,
+                    chunk_tokens: int = selection.DEFAULT_CHUNK_TOKENS, aux_form: str = "auto"
+                    ) -> tuple[train_state.TrainState, dict[str, Array]]:
+  """One optimisation step equal to ``dense_step.train_step`` without dense ``[b, f]`` work.
 
   Jit with ``static_argnames=("cfg", "tcfg", "chunk_tokens", "aux_form")`` (or use
   :data:`jit_fast_train_step`). Same state, same metrics as the reference step. With an
@@ -181,9 +177,9 @@ def fast_train_step(state: train.TrainState, x: Float[Array, "b d"], cfg: model.
     Ayonrinde 2024, arXiv 2411.02124.
 
   Args:
-    state: training state of :func:`sae_jax.train.init_train_state`.
+    state: training state of :func:`sae_jax.training.train_state.init_train_state`.
     x: batch ``[b, d]``.
-    cfg: SAE configuration; allocation in ``FAST_ALLOCATIONS``, float32.
+    cfg: SAE configuration; allocation in ``selection.FAST_ALLOCATIONS``, float32.
     tcfg: optimisation settings.
     chunk_tokens: static maximum tokens per encoder chunk (peak memory holds one
       ``[chunk, f]`` block of pre-activations).
@@ -191,7 +187,7 @@ def fast_train_step(state: train.TrainState, x: Float[Array, "b d"], cfg: model.
       "dense" or "triples" (same result up to float32 rounding; for tests and timing).
 
   Returns:
-    ``(new_state, metrics)`` as :func:`sae_jax.train.train_step`.
+    ``(new_state, metrics)`` as :func:`sae_jax.training.dense_step.train_step`.
 
   Raises:
     ValueError: on an unsupported configuration or bad shapes.
@@ -209,8 +205,8 @@ def fast_train_step(state: train.TrainState, x: Float[Array, "b d"], cfg: model.
       state, x)
 
 
-def _step(state: train.TrainState, x, aux, cfg: model.SAEConfig, tcfg: train.TrainConfig,
-          chunk_tokens: int, form: str = "auto"):
+def _step(state: train_state.TrainState, x, aux, cfg: model.SAEConfig,
+          tcfg: train_state.TrainConfig, chunk_tokens: int, form: str = "auto"):
   """The step with the auxiliary loss's ``(candidates, weights)``, or without it (None)."""
   b = x.shape[0]
   aux_cands = aux_weights = None
@@ -222,9 +218,9 @@ def _step(state: train.TrainState, x, aux, cfg: model.SAEConfig, tcfg: train.Tra
     if form == "auto":
       form = aux_form(cfg.d_sae, k_aux)
     if form == "dense":  # dense blocks of one encoder chunk of tokens
-      block_rows = check_fast_config(cfg, b, chunk_tokens)
-  sel, aux_sel = select(state.params, x, cfg, chunk_tokens=chunk_tokens,
-                        aux_candidates=aux_cands, aux_weights=aux_weights, k_aux=k_aux)
+      block_rows = selection.check_fast_config(cfg, b, chunk_tokens)
+  sel, aux_sel = selection.select(state.params, x, cfg, chunk_tokens=chunk_tokens,
+                                  aux_candidates=aux_cands, aux_weights=aux_weights, k_aux=k_aux)
   p = state.params
   p32 = jax.tree.map(lambda a: a.astype(jnp.float32), p)  # no copy for float32 parameters
   x32 = x.astype(jnp.float32)
@@ -243,20 +239,20 @@ def _step(state: train.TrainState, x, aux, cfg: model.SAEConfig, tcfg: train.Tra
   else:  # dense per-chunk blocks of the auxiliary cotangent, the main triples folded in
     dense_aux = {"row_cols": aux_sel.cols.reshape(b, k_aux),
                  "row_dpre": g_aux_pre.reshape(b, k_aux), "block_rows": block_rows}
-  dW_enc_FxD, db_enc, db_dec_enc = sparse.encoder_grads(x32, p32.W_enc, p32.b_dec, rows, cols,
-                                                        dpre, **dense_aux)
+  dW_enc_FxD, db_enc, db_dec_enc = sparse_kernels.encoder_grads(
+      x32, p32.W_enc, p32.b_dec, rows, cols, dpre, **dense_aux)
   grads = sae_params.SAEParams(W_enc=dW_enc_FxD, b_enc=db_enc, W_dec=g_dec[0],
                                b_dec=g_dec[1] + db_dec_enc)
-  new_params, opt_state, grad_norm = fused_adam.update(p, grads, state.opt_state, tcfg)
+  new_params, opt_state, grad_norm = adam.update(p, grads, state.opt_state, tcfg)
   codes_N = jax.lax.stop_gradient(codes_N)
   usage = usage_update(state.usage, sel, codes_N, b, tcfg.usage_decay)
   threshold = threshold_update(state.threshold, sel, codes_N, cfg, tcfg.threshold_decay)
   step_metrics = objective.step_metrics(
       loss=loss, nmse=nmse, aux=aux_loss,
       l0=jnp.sum(codes_N > 0, dtype=jnp.int32).astype(jnp.float32) / b, usage=usage, tcfg=tcfg,
-      learning_rate=train.learning_rate_schedule(tcfg)(state.step), grad_norm=grad_norm,
+      learning_rate=train_state.learning_rate_schedule(tcfg)(state.step), grad_norm=grad_norm,
       batch_finite=jnp.all(jnp.isfinite(x)).astype(jnp.float32))
-  return (train.TrainState(new_params, opt_state, usage, threshold, state.step + 1),
+  return (train_state.TrainState(new_params, opt_state, usage, threshold, state.step + 1),
           step_metrics)
 
 

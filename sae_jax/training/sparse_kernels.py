@@ -15,7 +15,7 @@ and the two linear maps of the SAE are written over it with ``jax.custom_vjp``:
   is ever formed.
 
 When the entries are a fixed number per token (the auxiliary top-``k_aux`` of
-:mod:`sae_jax.fast_step`) and cover a sizeable fraction of the features, gathering and
+:mod:`sae_jax.training.sparse_step`) and cover a sizeable fraction of the features, gathering and
 scattering one ``d``-row per entry costs more than dense matmuls of the same ``[b, f]``
 shape. :func:`row_block_decode` and the ``row_cols``/``row_dpre`` arguments of
 :func:`encoder_grads` take such entries as ``[b, k]`` arrays and work on dense
@@ -126,7 +126,7 @@ def _materialised_transpose(a_FxD):
   cost about four times one transpose at f=32768 (and XLA:CPU drops
   ``optimization_barrier``). The blocks are transposed inside a loop, whose results
   cannot be fused away; consumers then read the stacked ``[f / blk, d, blk]`` blocks in
-  contiguous runs of ``blk`` values. (``fused_adam._tiled_transpose`` tiles the other
+  contiguous runs of ``blk`` values. (``adam._tiled_transpose`` tiles the other
   axis: for its [512, 768] blocks that measured 123 ms a step against 139 ms with this
   tiling, while for a whole [32768, 768] matrix this one takes 82 ms against 171 ms.)
   """
@@ -358,7 +358,7 @@ def encoder_grads(x: Float[Array, "b d"], W_enc: Float[Array, "d f"],
   Returns:
     ``(dW_enc_FxD, db_enc, db_dec)``; the weight gradient in the transposed ``[f, d]``
     layout in which it is scattered (transpose it, or hand it to
-    :func:`sae_jax.fused_adam.update`, which takes that layout).
+    :func:`sae_jax.training.adam.update`, which takes that layout).
   """
   _check_triples(rows, cols, dpre)
   d, f = W_enc.shape

@@ -30,7 +30,7 @@ from jax import lax
 from jaxtyping import Array
 
 from sae_jax import params as sae_params
-from sae_jax import train
+from sae_jax.training import train_state
 
 # Features per block of the in-place loops: at d=768, f=32768 the encoder's moments
 # took 43 ms a step with blocks of 512 or 1024, 60 ms with 4096 and 74 ms with 256.
@@ -49,8 +49,8 @@ class _AdamScalars(NamedTuple):
   step_size: Array  # -learning_rate(count)
 
 
-def _split_state(opt_state, tcfg: train.TrainConfig):
-  """``(adam_state, schedule_state, rebuild)`` of a ``train.make_optimizer`` state."""
+def _split_state(opt_state, tcfg: train_state.TrainConfig):
+  """``(adam_state, schedule_state, rebuild)`` of a ``train_state.make_optimizer`` state."""
   try:
     if tcfg.grad_clip > 0:
       clip_state, (adam, sched) = opt_state
@@ -60,7 +60,7 @@ def _split_state(opt_state, tcfg: train.TrainConfig):
   except (TypeError, ValueError):
     ok = False
   if not ok:
-    raise ValueError("opt_state must be the state of train.make_optimizer(tcfg) (clip, then "
+    raise ValueError("opt_state must be the state of train_state.make_optimizer(tcfg) (clip, then "
                      "optax.adam with a schedule) for the same tcfg.grad_clip; got "
                      f"{jax.tree.structure(opt_state)}.")
 
@@ -132,7 +132,7 @@ def _tiled_transpose(a_BxD):
   Fused into its consumers, a transpose reads with a stride of the row length; the
   tiles here are transposed inside a loop whose results XLA cannot fuse away, and the
   moments' updates then read the block contiguously (measured 1.7x faster than the
-  fused transpose for [512, 768] blocks). ``sparse._materialised_transpose`` tiles
+  fused transpose for [512, 768] blocks). ``sparse_kernels._materialised_transpose`` tiles
   the other axis, which is faster for whole matrices and slower here.
   """
   b, d = a_BxD.shape
@@ -152,7 +152,7 @@ def _sum_in_blocks(fn, consts):
 
 
 def update(params: sae_params.SAEParams, grads: sae_params.SAEParams, opt_state,
-           tcfg: train.TrainConfig, *, sum_over_shards=None
+           tcfg: train_state.TrainConfig, *, sum_over_shards=None
            ) -> tuple[sae_params.SAEParams, optax.OptState, Array]:
   """Projected, clipped Adam step and decoder renormalisation, in place.
 
@@ -161,7 +161,7 @@ def update(params: sae_params.SAEParams, grads: sae_params.SAEParams, opt_state,
     grads: raw loss gradients with the ``SAEParams`` fields, except that ``W_enc`` is
       given transposed, ``[f, d]`` (the layout of the sparse encoder gradient), and
       ``W_dec`` before the decoder projection.
-    opt_state: state of ``train.make_optimizer(tcfg)``.
+    opt_state: state of ``train_state.make_optimizer(tcfg)``.
     tcfg: optimisation settings.
     sum_over_shards: inside ``shard_map`` with the dictionary split over devices, the
       function that sums a per-device partial sum over them (e.g.
@@ -202,7 +202,7 @@ def update(params: sae_params.SAEParams, grads: sae_params.SAEParams, opt_state,
       trigger=jnp.squeeze(g_norm < tcfg.grad_clip), g_norm=g_norm,
       max_norm=float(tcfg.grad_clip), b1=tcfg.adam_b1, b2=tcfg.adam_b2, eps=tcfg.adam_eps,
       bc1=1 - tcfg.adam_b1 ** count_inc, bc2=1 - tcfg.adam_b2 ** count_inc,
-      step_size=-train.learning_rate_schedule(tcfg)(sched.count))
+      step_size=-train_state.learning_rate_schedule(tcfg)(sched.count))
   with jax.named_scope("encoder_moments"):
     mu_enc, nu_enc = _in_blocks(lambda m, v, g: _moments(_tiled_transpose(g), m, v, s),
                                 (adam.mu.W_enc, adam.nu.W_enc), [(grads.W_enc, 0)], axis=1)
@@ -226,10 +226,10 @@ def update(params: sae_params.SAEParams, grads: sae_params.SAEParams, opt_state,
 
 
 def reference_update(params: sae_params.SAEParams, grads: sae_params.SAEParams, opt_state,
-                     tcfg: train.TrainConfig):
+                     tcfg: train_state.TrainConfig):
   """The optax path :func:`update` reproduces (``grads.W_enc`` in the ``[d, f]`` layout)."""
   grads = sae_params.project_decoder_grads(grads, params.W_dec)
-  updates, opt_state = train.make_optimizer(tcfg).update(grads, opt_state, params)
+  updates, opt_state = train_state.make_optimizer(tcfg).update(grads, opt_state, params)
   new_params = sae_params.normalize_decoder(optax.apply_updates(params, updates))
   return new_params, opt_state, optax.tree.norm(grads)
 

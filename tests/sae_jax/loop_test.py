@@ -17,33 +17,34 @@ import numpy as np
 import pytest
 from absl.testing import absltest
 
-import runkit
 from sae_jax import model
-from sae_jax import sharding
-from sae_jax import train
-from sae_jax import trainer
 from sae_jax.data import synthetic
+from sae_jax.training import loop
+from sae_jax.training import sharding
+from sae_jax.training import train_state
+import runkit
 
 SCRIPT = textwrap.dedent("""
     import os, signal, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     os.environ["JAX_PLATFORMS"] = "cpu"
     import numpy as np
-    from sae_jax import model, train, trainer
+    from sae_jax import model
+    from sae_jax.training import loop, train_state
     from sae_jax.data import synthetic
     run_dir, kill_at = sys.argv[1], int(sys.argv[2])
     cfg = model.SAEConfig(d_model=8, d_sae=32, allocation="mutual_choice", k=3)
-    tcfg = train.TrainConfig(learning_rate=3e-3, warmup_steps=2, total_steps=12,
-                             aux_loss="aux_zipf")
-    rcfg = trainer.RunConfig(steps=12, checkpoint_every=3, log_every=1, n_data=2, n_model=2,
-                             progress=False)
+    tcfg = train_state.TrainConfig(learning_rate=3e-3, warmup_steps=2, total_steps=12,
+                                   aux_loss="aux_zipf")
+    rcfg = loop.RunConfig(steps=12, checkpoint_every=3, log_every=1, n_data=2, n_model=2,
+                          progress=False)
     data = synthetic.SyntheticBatches(synthetic.SyntheticConfig(d_model=8, num_features=24),
                                       batch_size=32, seed=0)
     def on_step(step):
       if step == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
-    state, _ = trainer.fit(run_dir, cfg, tcfg, rcfg, data, init_sample=data.sample(256),
-                           on_step=on_step)
+    state, _ = loop.fit(run_dir, cfg, tcfg, rcfg, data, init_sample=data.sample(256),
+                        on_step=on_step)
     np.savez(os.path.join(run_dir, "final.npz"), *[np.asarray(x) for x in state.params])
 """)
 
@@ -74,15 +75,16 @@ class ResumeTest(absltest.TestCase):
     for name in a.files:
       np.testing.assert_array_equal(a[name], b[name])
     # The metric log holds each step once, even though steps 7 ran twice.
-    steps = [json.loads(l)["step"] for l in (tmp / "killed" / "metrics.jsonl").read_text().splitlines()]
+    log = (tmp / "killed" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(l)["step"] for l in log]
     self.assertEqual(steps, list(range(1, 13)))
 
 
 def _small():
   cfg = model.SAEConfig(d_model=8, d_sae=16, allocation="topk", k=2)
-  tcfg = train.TrainConfig(learning_rate=1e-3, warmup_steps=1, total_steps=4)
-  rcfg = trainer.RunConfig(steps=4, checkpoint_every=2, log_every=1, n_data=1, n_model=1,
-                           progress=False)
+  tcfg = train_state.TrainConfig(learning_rate=1e-3, warmup_steps=1, total_steps=4)
+  rcfg = loop.RunConfig(steps=4, checkpoint_every=2, log_every=1, n_data=1, n_model=1,
+                        progress=False)
   data = synthetic.SyntheticBatches(synthetic.SyntheticConfig(d_model=8, num_features=12), 16)
   return cfg, tcfg, rcfg, data
 
@@ -120,35 +122,35 @@ class FailureTest(absltest.TestCase):
   def test_non_finite_batch_names_step_and_checkpoint(self):
     cfg, tcfg, rcfg, data = _small()
     run = self.create_tempdir().full_path
-    with self.assertRaisesRegex(trainer.NonFiniteError, r"step 3 .*checkpoints/2"):
-      trainer.fit(run, cfg, tcfg, rcfg, _NaNAt(data, 4))
+    with self.assertRaisesRegex(loop.NonFiniteError, r"step 3 .*checkpoints/2"):
+      loop.fit(run, cfg, tcfg, rcfg, _NaNAt(data, 4))
     # The checkpoint written before the failure is intact and resumable.
     self.assertEqual(runkit.Checkpointer(os.path.join(run, "checkpoints")).latest_step(), 2)
-    state, _ = trainer.fit(run, cfg, tcfg, rcfg, data)
+    state, _ = loop.fit(run, cfg, tcfg, rcfg, data)
     self.assertEqual(int(state.step), 4)
 
   def test_config_mismatch_is_refused_clearly(self):
     cfg, tcfg, rcfg, data = _small()
     run = pathlib.Path(self.create_tempdir().full_path)
-    trainer.fit(run, cfg, tcfg, dataclass_replace(rcfg, steps=2), data)
+    loop.fit(run, cfg, tcfg, dataclass_replace(rcfg, steps=2), data)
     before = _folder_bytes(run)
     other = model.SAEConfig(d_model=8, d_sae=32, allocation="topk", k=2)
     # A ValueError and a CheckpointError (tests/runkit/configs_test.py).
     with self.assertRaisesRegex(
         runkit.ConfigMismatchError, r"differ from this run.*SAEConfig\.d_sae: 16 there, 32 "
         "now.*another run folder, or the same configs"):
-      trainer.fit(run, other, tcfg, rcfg, data)
+      loop.fit(run, other, tcfg, rcfg, data)
     self.assertEqual(_folder_bytes(run), before)  # refused before any work
 
   def test_corrupted_checkpoint_is_reported_with_its_path(self):
     cfg, tcfg, rcfg, data = _small()
     run = pathlib.Path(self.create_tempdir().full_path)
-    trainer.fit(run, cfg, tcfg, dataclass_replace(rcfg, steps=2), data)
+    loop.fit(run, cfg, tcfg, dataclass_replace(rcfg, steps=2), data)
     for f in (run / "checkpoints" / "2").rglob("*"):
       if f.is_file() and "state" in str(f):
         f.write_bytes(b"garbage")
     with self.assertRaisesRegex(runkit.CheckpointError, "checkpoints/2"):
-      trainer.fit(run, cfg, tcfg, rcfg, data)
+      loop.fit(run, cfg, tcfg, rcfg, data)
 
 
 def dataclass_replace(obj, **kw):
@@ -161,7 +163,7 @@ def _folder_bytes(path: pathlib.Path) -> dict:
 
 
 def _restore_target(cfg, tcfg):
-  abstract = jax.eval_shape(lambda: train.init_train_state(jax.random.key(0), cfg, tcfg))
+  abstract = jax.eval_shape(lambda: train_state.init_train_state(jax.random.key(0), cfg, tcfg))
   shardings = sharding.state_shardings(abstract, sharding.make_mesh(1, 1))
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract, shardings)
@@ -218,7 +220,7 @@ class _ScaleAt(_NaNAt):
 
 def test_prefetcher_yields_the_source_order_and_the_position_after_each_batch():
   source, reference = _Counting(), _Counting()
-  with trainer.Prefetcher(source, lambda x: x * 2, count=7, depth=2) as prefetcher:
+  with loop.Prefetcher(source, lambda x: x * 2, count=7, depth=2) as prefetcher:
     items = list(prefetcher)
   assert not _prefetch_threads()
   assert len(items) == 7
@@ -230,7 +232,7 @@ def test_prefetcher_yields_the_source_order_and_the_position_after_each_batch():
 
 
 def test_prefetcher_stops_its_thread_when_closed_early():
-  with trainer.Prefetcher(_Counting(), lambda x: x, count=1000, depth=2) as prefetcher:
+  with loop.Prefetcher(_Counting(), lambda x: x, count=1000, depth=2) as prefetcher:
     next(prefetcher)
   assert not _prefetch_threads()
 
@@ -238,7 +240,7 @@ def test_prefetcher_stops_its_thread_when_closed_early():
 def test_fit_consumes_batches_in_source_order(tmp_path):
   """Prefetched training is bitwise equal to stepping over the batches by hand."""
   cfg, tcfg, rcfg, data = _small()
-  state, _ = trainer.fit(tmp_path / "run", cfg, tcfg, rcfg, data)
+  state, _ = loop.fit(tmp_path / "run", cfg, tcfg, rcfg, data)
   assert not _prefetch_threads()
   assert data.state() == {"index": rcfg.steps}  # read once per step, as without prefetch
   _, _, _, by_hand = _small()
@@ -263,9 +265,9 @@ def test_non_finite_step_stops_within_a_check_and_keeps_the_last_good_checkpoint
   tcfg = dataclasses.replace(tcfg, total_steps=16)
   run = tmp_path / "run"
   ran = []
-  with pytest.raises(trainer.NonFiniteError,
+  with pytest.raises(loop.NonFiniteError,
                      match=rf"{message}.*seen at step 6\b.*{re.escape(str(run))}/checkpoints/4 "):
-    trainer.fit(run, cfg, tcfg, rcfg, corrupt(data, 6), on_step=ran.append)
+    loop.fit(run, cfg, tcfg, rcfg, corrupt(data, 6), on_step=ran.append)
   assert max(ran) <= 5 + min(log_every, checkpoint_every)
   assert not _prefetch_threads()
   ckpt = runkit.Checkpointer(run / "checkpoints")
@@ -275,16 +277,16 @@ def test_non_finite_step_stops_within_a_check_and_keeps_the_last_good_checkpoint
   ckpt.close()
   assert int(restored.step) == 4 and meta["data"] == {"index": 4}
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
-  state, _ = trainer.fit(run, cfg, tcfg, rcfg, data)
+  state, _ = loop.fit(run, cfg, tcfg, rcfg, data)
   assert int(state.step) == 16
 
 
 def test_resume_is_announced(tmp_path, capsys):
   cfg, tcfg, rcfg, data = _small()
   run = tmp_path / "run"
-  trainer.fit(run, cfg, tcfg, dataclasses.replace(rcfg, steps=2), data)
+  loop.fit(run, cfg, tcfg, dataclasses.replace(rcfg, steps=2), data)
   assert "resuming" not in capsys.readouterr().out
-  trainer.fit(run, cfg, tcfg, rcfg, data)
+  loop.fit(run, cfg, tcfg, rcfg, data)
   assert (f"resuming {run} from step 2 (checkpoint {run}/checkpoints/2)"
           in capsys.readouterr().out)
 
@@ -292,14 +294,14 @@ def test_resume_is_announced(tmp_path, capsys):
 def test_folder_without_checkpoint_starts_over_only_with_the_same_configs(tmp_path):
   cfg, tcfg, rcfg, data = _small()
   run = tmp_path / "run"
-  trainer.fit(run, cfg, tcfg, dataclasses.replace(rcfg, steps=2), data)
+  loop.fit(run, cfg, tcfg, dataclasses.replace(rcfg, steps=2), data)
   for f in sorted((run / "checkpoints").rglob("*"), reverse=True):  # killed before a save
     f.rmdir() if f.is_dir() else f.unlink()
   other = dataclasses.replace(tcfg, learning_rate=2e-3)
   with pytest.raises(ValueError,
                      match=r"TrainConfig\.learning_rate: 0\.001 there, 0\.002 now"):
-    trainer.fit(run, cfg, other, rcfg, data)
-  trainer.fit(run, cfg, tcfg, rcfg, data)
+    loop.fit(run, cfg, other, rcfg, data)
+  loop.fit(run, cfg, tcfg, rcfg, data)
   steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
   assert steps == [1, 2, 3, 4]
 
@@ -308,7 +310,7 @@ def test_metrics_without_checkpoint_or_configs_are_refused(tmp_path):
   cfg, tcfg, rcfg, data = _small()
   (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
   with pytest.raises(ValueError, match="neither a checkpoint nor config.json"):
-    trainer.fit(tmp_path, cfg, tcfg, rcfg, data)
+    loop.fit(tmp_path, cfg, tcfg, rcfg, data)
 
 
 @pytest.mark.parametrize("error", [OSError("shard 3 is unreadable"), StopIteration("dry")])
@@ -316,8 +318,8 @@ def test_batch_source_error_surfaces_in_the_caller(tmp_path, error):
   cfg, tcfg, rcfg, data = _small()
   ran = []
   with pytest.raises(type(error), match=str(error)):
-    trainer.fit(tmp_path / "run", cfg, tcfg, rcfg, _FailAt(data, 3, error),
-                on_step=ran.append)
+    loop.fit(tmp_path / "run", cfg, tcfg, rcfg, _FailAt(data, 3, error),
+             on_step=ran.append)
   assert ran == [1, 2]  # the batches read before the failure were all used
   assert not _prefetch_threads()
   ckpt = runkit.Checkpointer(tmp_path / "run" / "checkpoints")

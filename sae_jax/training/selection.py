@@ -10,7 +10,7 @@ tokens that claim all of theirs are recomputed (up to one chunk of them) with ``
 and only if one claims all of those too does an exact threshold search over recomputed
 chunks run (~34 encoder passes).
 
-:mod:`sae_jax.fast_step` builds the loss, gradients and update on these triples.
+:mod:`sae_jax.training.sparse_step` builds the loss, gradients and update on these triples.
 
 References:
   Gao et al. 2024, "Scaling and evaluating sparse autoencoders", arXiv 2406.04093;
@@ -30,14 +30,12 @@ from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
 from sae_jax import allocation
-from sae_jax import fast_select
 from sae_jax import losses
 from sae_jax import model
 from sae_jax import params as sae_params
 
 FAST_ALLOCATIONS = ("topk", "batch_topk", "mutual_choice", "feature_choice",
                     "feature_choice_zipf")
-FEATURE_CHOICE = ("feature_choice", "feature_choice_zipf")
 DEFAULT_CHUNK_TOKENS = 512
 # Feature Choice capacities are grouped into tiers of contiguous features whose
 # capacities lie within this factor of the tier's largest; every feature of a tier
@@ -172,13 +170,13 @@ def _mutual_choice_exact(centred_NxCxD, W_enc, b_enc, n: int, cfg) -> Selection:
 
   def chunk(c):
     pre = chunk_pre(centred_NxCxD[c], W_enc, b_enc)
-    return fast_select.sortable_key(selection_scores(pre, cfg)), pre
+    return allocation.sortable_key(selection_scores(pre, cfg)), pre
 
   def count(pred):
     return lax.fori_loop(0, nc, lambda c, acc: acc + jnp.sum(pred(chunk(c)[0]),
                                                               dtype=jnp.int32), jnp.int32(0))
 
-  t = fast_select.bisect_uint32(lambda u: count(lambda key: key >= u), n)
+  t = allocation.bisect_uint32(lambda u: count(lambda key: key >= u), n)
   need = n - count(lambda key: key > t)  # ties at t kept in row-major order
 
   # Each chunk is collected in blocks of whole rows of at most EXACT_BLOCK_ENTRIES
@@ -253,7 +251,7 @@ def select(params: sae_params.SAEParams, x: Float[Array, "b d"], cfg: model.SAEC
                      f"{k_aux!r}.")
   centred_BxD, W_enc, b_enc = encoder_inputs(params, x, cfg)
   centred_NxCxD = centred_BxD.reshape(nc, bc, -1)
-  fc = cfg.allocation in FEATURE_CHOICE
+  fc = cfg.allocation in model.FEATURE_CHOICE
   n = allocation.mutual_choice_budget(b, cfg.k)
   if cfg.allocation == "topk":
     width = int(cfg.k)
@@ -271,15 +269,15 @@ def select(params: sae_params.SAEParams, x: Float[Array, "b d"], cfg: model.SAEC
     if fc:  # per-feature top tokens: a column top-k, run without transposing the chunk
       out["main"] = []
       for t in tiers:
-        vals_FxW, local_FxW = fast_select.cols_topk(scores_CxF[:, t.start:t.stop], t.width)
+        vals_FxW, local_FxW = allocation.cols_topk(scores_CxF[:, t.start:t.stop], t.width)
         feats_FxW = jnp.arange(t.start, t.stop, dtype=local_FxW.dtype)[:, None]
         out["main"].append((vals_FxW, local_FxW + c * bc, pre_CxF[local_FxW, feats_FxW]))
     else:
-      vals_CxW, cols_CxW = fast_select.rows_topk(scores_CxF, width)
+      vals_CxW, cols_CxW = allocation.rows_topk(scores_CxF, width)
       out["main"] = (vals_CxW, cols_CxW, jnp.take_along_axis(pre_CxF, cols_CxW, axis=1))
     if use_aux:
       aux_scores_CxF = losses.aux_scores(pre_CxF, aux_candidates, aux_weights)
-      _, aux_cols = fast_select.rows_topk(aux_scores_CxF, k_aux)
+      _, aux_cols = allocation.rows_topk(aux_scores_CxF, k_aux)
       out["aux"] = (aux_cols, jnp.take_along_axis(pre_CxF, aux_cols, axis=1))
     return out
 
@@ -344,7 +342,7 @@ def _mutual_choice_select(vals_BxC, cols_BxC, pre_BxC, n, centred_NxCxD, W_enc, 
     return exact()
   # Rows in order, each row's proposals by value then column: among equal values this
   # is the row-major order, so the flat tie rule carries over.
-  keep = fast_select.select_top_n_flat(vals_BxC.reshape(-1), n)
+  keep = allocation.select_top_n_flat(vals_BxC.reshape(-1), n)
   saturated_B = jnp.all(keep.reshape(b, cap), axis=1)
   n_saturated = jnp.sum(saturated_B, dtype=jnp.int32)
   pos = jnp.nonzero(keep, size=n, fill_value=0)[0].astype(jnp.int32)
@@ -383,14 +381,14 @@ def _mutual_choice_expand(vals_BxC, cols_BxC, pre_BxC, saturated_B, n, centred_B
   idx_S = jnp.nonzero(saturated_B, size=rows, fill_value=0)[0].astype(jnp.int32)
   valid_S = jnp.arange(rows) < jnp.sum(saturated_B, dtype=jnp.int32)
   pre_SxF = chunk_pre(centred_BxD[idx_S], W_enc, b_enc)
-  vals_SxW, cols_SxW = fast_select.rows_topk(selection_scores(pre_SxF, cfg), wide)
+  vals_SxW, cols_SxW = allocation.rows_topk(selection_scores(pre_SxF, cfg), wide)
   pre_SxW = jnp.take_along_axis(pre_SxF, cols_SxW, axis=1)
   # Candidates as order-preserving keys; key 0 (below every score's key) marks the
   # saturated rows' old proposals and the padding rows, which are never selected.
-  key1 = jnp.where(saturated_B[:, None], jnp.uint32(0), fast_select.sortable_key(vals_BxC))
-  key2 = jnp.where(valid_S[:, None], fast_select.sortable_key(vals_SxW), jnp.uint32(0))
-  t = fast_select.bisect_uint32(
-      lambda u: fast_select.count_at_least(key1, u) + fast_select.count_at_least(key2, u), n)
+  key1 = jnp.where(saturated_B[:, None], jnp.uint32(0), allocation.sortable_key(vals_BxC))
+  key2 = jnp.where(valid_S[:, None], allocation.sortable_key(vals_SxW), jnp.uint32(0))
+  t = allocation.bisect_uint32(
+      lambda u: allocation.count_at_least(key1, u) + allocation.count_at_least(key2, u), n)
   above1, above2 = key1 > t, key2 > t
   need = n - jnp.sum(above1, dtype=jnp.int32) - jnp.sum(above2, dtype=jnp.int32)
   at1, at2 = key1 == t, key2 == t

@@ -8,7 +8,6 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sae_jax import allocation
-from sae_jax import sharded_allocation as sa
 
 MESH_SHAPES = ((8, 1), (4, 2), (2, 4), (1, 8))
 
@@ -41,7 +40,8 @@ class ShardedAllocationTest(parameterized.TestCase):
   def test_mutual_choice(self, mesh_shape, kind):
     mesh = _mesh(*mesh_shape)
     s = _scores(kind)
-    got = jax.jit(lambda x: sa.mutual_choice_sharded(x, 3, mesh, max_per_row=4))(_place(s, mesh))
+    got = jax.jit(lambda x: allocation.mutual_choice_sharded(x, 3, mesh, max_per_row=4))(
+        _place(s, mesh))
     want = allocation.mutual_choice(jnp.asarray(s), 3)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
@@ -49,7 +49,7 @@ class ShardedAllocationTest(parameterized.TestCase):
   def test_topk(self, mesh_shape, kind):
     mesh = _mesh(*mesh_shape)
     s = _scores(kind)
-    got = jax.jit(lambda x: sa.topk_sharded(x, 5, mesh))(_place(s, mesh))
+    got = jax.jit(lambda x: allocation.topk_sharded(x, 5, mesh))(_place(s, mesh))
     np.testing.assert_array_equal(np.asarray(got), np.asarray(allocation.topk(jnp.asarray(s), 5)))
 
   @parameterized.product(mesh_shape=MESH_SHAPES, kind=("normal", "ties"), zipf=(False, True))
@@ -57,20 +57,21 @@ class ShardedAllocationTest(parameterized.TestCase):
     mesh = _mesh(*mesh_shape)
     s = _scores(kind)
     cap = (allocation.zipf_capacities(64, 32 * 3, 1.0, max_capacity=32) if zipf else 2)
-    got = jax.jit(lambda x: sa.feature_choice_sharded(x, cap, mesh))(_place(s, mesh))
+    got = jax.jit(lambda x: allocation.feature_choice_sharded(x, cap, mesh))(_place(s, mesh))
     want = allocation.feature_choice(jnp.asarray(s), cap)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
   def test_output_stays_sharded(self):
     mesh = _mesh(4, 2)
-    out = jax.jit(lambda x: sa.mutual_choice_sharded(x, 2, mesh))(_place(_scores("normal"), mesh))
+    out = jax.jit(lambda x: allocation.mutual_choice_sharded(x, 2, mesh))(
+        _place(_scores("normal"), mesh))
     self.assertEqual(out.sharding.spec, P("data", "model"))
 
   def test_indivisible_shape_error(self):
     with self.assertRaisesRegex(ValueError, "divide evenly"):
-      sa.topk_sharded(jnp.zeros((6, 64)), 2, _mesh(4, 2))
+      allocation.topk_sharded(jnp.zeros((6, 64)), 2, _mesh(4, 2))
 
   def test_mesh_axes_error(self):
     mesh = Mesh(np.array(jax.devices()[:2]), ("batch",))
     with self.assertRaisesRegex(ValueError, "axes"):
-      sa.topk_sharded(jnp.zeros((4, 4)), 2, mesh)
+      allocation.topk_sharded(jnp.zeros((4, 4)), 2, mesh)

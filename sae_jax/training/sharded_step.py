@@ -1,8 +1,8 @@
 """The sparse SAE training step on a ("data", "model") mesh of any shape.
 
 :func:`sharded_sparse_step` computes the update of the dense reference
-:func:`sae_jax.train.train_step` (same selection, same parameters up to float32
-rounding) with the work of :func:`sae_jax.fast_step.fast_train_step` spread over
+:func:`sae_jax.training.dense_step.train_step` (same selection, same parameters up to float32
+rounding) with the work of :func:`sae_jax.training.sparse_step.fast_train_step` spread over
 devices: tokens over "data", the dictionary over "model". It runs inside
 ``jax.shard_map``; each device holds ``[b / n_data, d]`` tokens, the encoder columns,
 decoder rows, Adam moments, usage statistics and thresholds of ``f / n_model`` features,
@@ -15,13 +15,13 @@ and a replicated ``b_dec``. Nothing of size ``[b, f]`` is communicated:
      all-gathered over "model" and the token's top-k taken among them;
    * Mutual Choice: the ``round(k * b)`` largest of all devices' per-token proposals by a
      count bisection with a ``psum`` per step
-     (:func:`sae_jax.sharded_allocation.select_global_top_n`); when a token might need
+     (:func:`sae_jax.allocation.select_global_top_n`); when a token might need
      more entries than it proposed on some device, the same searches run over every
      device's recomputed chunks (exact; memory one chunk, about 66 encoder passes);
    * Feature Choice (uniform or Zipf capacities): each feature's per-chunk top tokens
      are all-gathered over "data" and the feature keeps its top ``capacity``. Zipf
      capacities differ between the model shards, so each shard's static capacity tiers
-     (:func:`sae_jax.chunked_select.capacity_tiers`) form one branch of a ``lax.switch``
+     (:func:`sae_jax.training.selection.capacity_tiers`) form one branch of a ``lax.switch``
      on the shard index, padded to a common length.
    The result on each device is a flat list of ``(token, feature, pre-activation)``
    triples of its own block (others marked invalid).
@@ -31,15 +31,15 @@ and a replicated ``b_dec``. Nothing of size ``[b, f]`` is communicated:
    (the other shards' part of the reconstruction enters as a constant). Weight
    gradients are scattered locally into the device's own features and reduced over
    "data"; the loss value, usage counts and thresholds are reduced with ``psum`` /
-   ``pmin``. The formulas are those of :mod:`sae_jax.objective`.
-3. The in-place Adam update of :mod:`sae_jax.fused_adam` on each shard, clipped by the
+   ``pmin``. The formulas are those of :mod:`sae_jax.training.objective`.
+3. The in-place Adam update of :mod:`sae_jax.training.adam` on each shard, clipped by the
    global gradient norm.
 
 Auxiliary losses (aux_k, aux_zipf) take their candidates from the gathered usage
 statistics (the Zipf fit ranks every feature) and are skipped with ``lax.cond`` on
 steps without a candidate. Their entries are decoded as triples.
 
-Dtypes (this step and :mod:`sae_jax.fast_step` alike): ``cfg.param_dtype`` float32 or
+Dtypes (this step and :mod:`sae_jax.training.sparse_step` alike): ``cfg.param_dtype`` float32 or
 bfloat16 for the parameters as stored; Adam's moments always float32. ``cfg.dtype``
 float32 or bfloat16 for the encoder: ``x - b_dec``, ``W_enc``, ``b_enc`` and the
 pre-activations (the scores) are in ``cfg.dtype``, rounded as ``model.encode_pre`` rounds
@@ -49,7 +49,7 @@ reconstruction, losses, every gradient and its reduction over devices, the gradi
 norm, the Adam update (rounded to ``param_dtype`` when stored), usage and threshold
 statistics.
 
-Supported: every allocation of :data:`sae_jax.chunked_select.FAST_ALLOCATIONS`, float32 or
+Supported: every allocation of :data:`sae_jax.training.selection.FAST_ALLOCATIONS`, float32 or
 bfloat16, ``b`` divisible by the data axis and ``f`` by the model axis. The ReLU+L1 baseline keeps
 every positive entry, a number that depends on the data, so it has no static sparse
 form and trains with the dense step.
@@ -73,19 +73,18 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float
 
 from sae_jax import allocation
-from sae_jax import chunked_select
-from sae_jax import fast_select
-from sae_jax import fast_step
-from sae_jax import fused_adam
 from sae_jax import losses
 from sae_jax import metrics
 from sae_jax import model
-from sae_jax import objective
 from sae_jax import params as sae_params
-from sae_jax import sharded_allocation
-from sae_jax import sparse
-from sae_jax import train
-from sae_jax.chunked_select import Selection
+from sae_jax.training import adam
+from sae_jax.training import dense_step
+from sae_jax.training import objective
+from sae_jax.training import selection
+from sae_jax.training import sparse_kernels
+from sae_jax.training import sparse_step
+from sae_jax.training import train_state
+from sae_jax.training.selection import Selection
 
 DATA = "data"
 MODEL = "model"
@@ -103,7 +102,7 @@ def check_config(cfg: model.SAEConfig, mesh: Mesh, batch_size: int,
   missing = [a for a in BOTH if a not in mesh.axis_names]
   if missing:
     raise ValueError(f"mesh must have axes ('data', 'model'); missing {missing} in "
-                     f"{mesh.axis_names}. Build it with sae_jax.sharding.make_mesh.")
+                     f"{mesh.axis_names}. Build it with sae_jax.training.sharding.make_mesh.")
   n_data, n_model = mesh.shape[DATA], mesh.shape[MODEL]
   if batch_size % n_data:
     raise ValueError(f"batch size {batch_size} must be divisible by the data axis size "
@@ -113,7 +112,7 @@ def check_config(cfg: model.SAEConfig, mesh: Mesh, batch_size: int,
   if cfg.allocation in ("batch_topk", "mutual_choice") and batch_size * cfg.d_sae >= 2**32:
     raise ValueError(f"batch x d_sae = {batch_size * cfg.d_sae} entries; the sharded Mutual "
                      "Choice indexes them with 32 bits. Use a smaller batch per step.")
-  return chunked_select.check_fast_config(cfg, batch_size // n_data, chunk_tokens)
+  return selection.check_fast_config(cfg, batch_size // n_data, chunk_tokens)
 
 
 def _row_top(vals, cols, pre, k: int, col0, f_loc: int, n_model: int) -> Selection:
@@ -149,7 +148,7 @@ class _Layout:
     self.b_loc, self.f_loc = b // n_data, cfg.d_sae // n_model
     self.nc = self.b_loc // chunk
     self.n = allocation.mutual_choice_budget(b, cfg.k)
-    self.kind = ("fc" if cfg.allocation in chunked_select.FEATURE_CHOICE
+    self.kind = ("fc" if cfg.allocation in model.FEATURE_CHOICE
                  else "topk" if cfg.allocation == "topk" else "mc")
     if self.kind == "topk":
       self.k = int(cfg.k)
@@ -159,7 +158,7 @@ class _Layout:
       self.size = min(self.n, self.b_loc * self.f_loc)
     else:
       self.capacity_F = model.feature_capacities(cfg, b)
-      self.tiers = [chunked_select.capacity_tiers(
+      self.tiers = [selection.capacity_tiers(
           self.capacity_F[j * self.f_loc:(j + 1) * self.f_loc], chunk) for j in range(n_model)]
       # Per shard: its proposals per chunk and its selected entries, padded to the widest.
       self.proposals = [sum((t.stop - t.start) * t.width for t in ts) for ts in self.tiers]
@@ -172,7 +171,7 @@ def _fc_proposals(scores_CxF, pre_CxF, row_base, *, tiers, pad: int):
   """One chunk's per-feature top tokens for one shard's tiers, flat and padded."""
   vals, rows, pre = [], [], []
   for t in tiers:
-    v, r = fast_select.cols_topk(scores_CxF[:, t.start:t.stop], t.width)
+    v, r = allocation.cols_topk(scores_CxF[:, t.start:t.stop], t.width)
     feats = jnp.arange(t.start, t.stop, dtype=r.dtype)[:, None]
     vals.append(v.reshape(-1))
     rows.append((r + row_base).reshape(-1))
@@ -220,7 +219,7 @@ def _select(p, x, cfg: model.SAEConfig, lay: _Layout, aux) -> tuple[Selection, S
   row0 = lax.axis_index(DATA) * lay.b_loc
   col0 = lax.axis_index(MODEL) * lay.f_loc
   shard = lax.axis_index(MODEL)
-  centred, W_enc, b_enc = chunked_select.encoder_inputs(lax.stop_gradient(p), x, cfg)
+  centred, W_enc, b_enc = selection.encoder_inputs(lax.stop_gradient(p), x, cfg)
   centred = centred.reshape(lay.nc, lay.chunk, -1)
   p = p._replace(W_enc=W_enc, b_enc=b_enc)  # in cfg.dtype, for the encoder only
   pad = max(lay.proposals) if lay.kind == "fc" else 0
@@ -228,20 +227,20 @@ def _select(p, x, cfg: model.SAEConfig, lay: _Layout, aux) -> tuple[Selection, S
   def per_chunk(args):
     c, centred_CxD = args
     out = {}
-    pre_CxF = chunked_select.chunk_pre(centred_CxD, p.W_enc, p.b_enc)
-    scores_CxF = chunked_select.selection_scores(pre_CxF, cfg)
+    pre_CxF = selection.chunk_pre(centred_CxD, p.W_enc, p.b_enc)
+    scores_CxF = selection.selection_scores(pre_CxF, cfg)
     if lay.kind == "fc":
       base = row0 + c * lay.chunk
       branches = [functools.partial(_fc_proposals, tiers=ts, pad=pad)
                   for ts in (lay.tiers[:1] if lay.shared else lay.tiers)]
       out["main"] = _by_shard(shard, branches, scores_CxF, pre_CxF, base)
     else:
-      vals, cols = fast_select.rows_topk(scores_CxF, lay.width)
+      vals, cols = allocation.rows_topk(scores_CxF, lay.width)
       out["main"] = (vals, cols, jnp.take_along_axis(pre_CxF, cols, axis=1))
     if aux is not None:
       cand_loc, weights_loc, k_aux_loc, _ = aux
-      vals, cols = fast_select.rows_topk(losses.aux_scores(pre_CxF, cand_loc, weights_loc),
-                                         k_aux_loc)
+      vals, cols = allocation.rows_topk(losses.aux_scores(pre_CxF, cand_loc, weights_loc),
+                                        k_aux_loc)
       out["aux"] = (vals, cols, jnp.take_along_axis(pre_CxF, cols, axis=1))
     return out
 
@@ -278,10 +277,10 @@ def _mutual_choice(vals, cols, pre, centred, p, cfg, lay: _Layout, row0, col0) -
   """Exactly the ``round(k * b)`` largest scores over the mesh, as this device's triples."""
   rows = jnp.broadcast_to(jnp.arange(lay.b_loc, dtype=jnp.int32)[:, None], vals.shape)
   f = lay.f_loc * lay.n_model
-  keys = fast_select.sortable_key(vals)
+  keys = allocation.sortable_key(vals)
   flat = ((row0 + rows).astype(jnp.uint32) * jnp.uint32(f) + col0.astype(jnp.uint32)
           + cols.astype(jnp.uint32))
-  keep = sharded_allocation.select_global_top_n(keys, flat, lay.n, BOTH)
+  keep = allocation.select_global_top_n(keys, flat, lay.n, BOTH)
   fast = lambda _: _compact(keep, rows, cols, pre, lay.size)
   if lay.width >= lay.f_loc:  # every entry of the block was proposed
     return fast(None)
@@ -306,8 +305,8 @@ def _mutual_choice_exact(centred, p, cfg, lay: _Layout, row0, col0) -> Selection
   local_cols = jnp.arange(f_loc, dtype=jnp.uint32)[None, :]
 
   def chunk(c):
-    pre = chunked_select.chunk_pre(centred[c], p.W_enc, p.b_enc)
-    keys = fast_select.sortable_key(chunked_select.selection_scores(pre, cfg))
+    pre = selection.chunk_pre(centred[c], p.W_enc, p.b_enc)
+    keys = allocation.sortable_key(selection.selection_scores(pre, cfg))
     flat = ((row0 + c * bc).astype(jnp.uint32) + local_rows) * jnp.uint32(f) + (
         col0.astype(jnp.uint32) + local_cols)
     return keys, flat, pre
@@ -317,11 +316,11 @@ def _mutual_choice_exact(centred, p, cfg, lay: _Layout, row0, col0) -> Selection
         pred(*chunk(c)[:2]), dtype=jnp.int32), jnp.int32(0))
     return lax.psum(local, BOTH)
 
-  t = fast_select.bisect_uint32(lambda u: count(lambda k, _: k >= u), lay.n)
+  t = allocation.bisect_uint32(lambda u: count(lambda k, _: k >= u), lay.n)
   need = lay.n - count(lambda k, _: k > t)
   # Ties at t: the `need` lowest flat indices, i.e. the largest complements ~flat.
-  u_inv = fast_select.bisect_uint32(lambda u: count(lambda k, fl: (k == t) & (~fl >= u)),
-                                    need)
+  u_inv = allocation.bisect_uint32(lambda u: count(lambda k, fl: (k == t) & (~fl >= u)),
+                                   need)
   m = min(lay.size, bc * f_loc)
 
   def collect(c, carry):
@@ -353,7 +352,7 @@ def _surrogate(dec, pre_N, aux_pre_N, x, variance, sel: Selection, aux_sel, aux,
   W_dec, b_dec = dec
   b_loc = x.shape[0]
   codes_N = jnp.where(sel.valid, jax.nn.relu(pre_N), jnp.zeros_like(pre_N))
-  part = sparse.sparse_decode(codes_N, sel.rows, sel.cols, W_dec, b_loc)
+  part = sparse_kernels.sparse_decode(codes_N, sel.rows, sel.cols, W_dec, b_loc)
   recon = part + lax.stop_gradient(lax.psum(part, MODEL) - part) + b_dec
   squared_error = jnp.sum(jnp.square(recon - x))
   local = squared_error / variance
@@ -368,7 +367,7 @@ def _surrogate(dec, pre_N, aux_pre_N, x, variance, sel: Selection, aux_sel, aux,
                                  None if weights_loc is None else weights_loc[aux_sel.cols])
     aux_codes_N = jnp.where(aux_sel.valid, jax.nn.relu(scores_N), 0.0)
     residual = x - lax.stop_gradient(recon)
-    aux_part = sparse.sparse_decode(aux_codes_N, aux_sel.rows, aux_sel.cols, W_dec, b_loc)
+    aux_part = sparse_kernels.sparse_decode(aux_codes_N, aux_sel.rows, aux_sel.cols, W_dec, b_loc)
     residual_hat = aux_part + lax.stop_gradient(lax.psum(aux_part, MODEL) - aux_part)
     aux_sq = jnp.sum(jnp.square(residual_hat - residual))
     mean = lax.psum(jnp.sum(residual, axis=0), DATA) / b
@@ -377,8 +376,8 @@ def _surrogate(dec, pre_N, aux_pre_N, x, variance, sel: Selection, aux_sel, aux,
   return local, (codes_N, squared_error, l1, aux_sq, aux_var)
 
 
-def _local_step(state: train.TrainState, x, aux_in, cfg: model.SAEConfig,
-                tcfg: train.TrainConfig, lay: _Layout):
+def _local_step(state: train_state.TrainState, x, aux_in, cfg: model.SAEConfig,
+                tcfg: train_state.TrainConfig, lay: _Layout):
   """The step on one device's block; ``aux_in`` = (candidates, weights, any) or None."""
   p = state.params
   x32 = x.astype(jnp.float32)
@@ -404,28 +403,28 @@ def _local_step(state: train.TrainState, x, aux_in, cfg: model.SAEConfig,
     rows, cols, dpre = (jnp.concatenate(a) for a in ((rows, aux_sel.rows),
                                                        (cols, aux_sel.cols), (dpre, g_aux_pre)))
   loss = objective.total_loss(nmse, l1_total, aux_loss, cfg, tcfg)
-  dW_enc, db_enc, db_dec_enc = sparse.encoder_grads(x32, p32.W_enc, p32.b_dec, rows, cols,
-                                                    dpre)
+  dW_enc, db_enc, db_dec_enc = sparse_kernels.encoder_grads(x32, p32.W_enc, p32.b_dec, rows, cols,
+                                                            dpre)
   grads = sae_params.SAEParams(
       W_enc=_psum_rows_in_place(dW_enc, DATA), b_enc=lax.psum(db_enc, DATA),
       W_dec=_psum_rows_in_place(g_dec[0], DATA),
       b_dec=lax.psum(g_dec[1], DATA) + lax.psum(db_dec_enc, BOTH))
-  new_params, opt_state, grad_norm = fused_adam.update(
+  new_params, opt_state, grad_norm = adam.update(
       p, grads, state.opt_state, tcfg, sum_over_shards=lambda v: lax.psum(v, MODEL))
   codes_N = lax.stop_gradient(codes_N)
-  counts = lax.psum(fast_step.feature_counts(sel, codes_N, lay.f_loc), DATA)
+  counts = lax.psum(sparse_step.feature_counts(sel, codes_N, lay.f_loc), DATA)
   usage = metrics.feature_usage_from_counts(state.usage, counts, lay.b, decay=tcfg.usage_decay)
-  batch_min = fast_step.batch_min(state.threshold, sel, codes_N, cfg)
+  batch_min = sparse_step.batch_min(state.threshold, sel, codes_N, cfg)
   batch_min = lax.pmin(batch_min, DATA if objective.per_feature_threshold(cfg) else BOTH)
   threshold = objective.threshold_from_batch_min(state.threshold, batch_min,
                                                  tcfg.threshold_decay)
   l0 = lax.psum(jnp.sum(codes_N > 0, dtype=jnp.int32), BOTH).astype(jnp.float32) / lay.b
   step_metrics = objective.step_metrics(
       loss=loss, nmse=nmse, aux=aux_loss, l0=l0, usage=usage, tcfg=tcfg,
-      learning_rate=train.learning_rate_schedule(tcfg)(state.step), grad_norm=grad_norm,
+      learning_rate=train_state.learning_rate_schedule(tcfg)(state.step), grad_norm=grad_norm,
       batch_finite=lax.pmin(jnp.all(jnp.isfinite(x)).astype(jnp.float32), DATA))
   step_metrics["dead_fraction"] = lax.pmean(step_metrics["dead_fraction"], MODEL)
-  return (train.TrainState(new_params, opt_state, usage, threshold, state.step + 1),
+  return (train_state.TrainState(new_params, opt_state, usage, threshold, state.step + 1),
           step_metrics)
 
 
@@ -470,10 +469,10 @@ def _device_step(state, x, cfg, tcfg, lay: _Layout):
                   lambda s, v: _local_step(s, v, None, cfg, tcfg, lay), state, x)
 
 
-def sharded_sparse_step(state: train.TrainState, x: Float[Array, "b d"],
-                        cfg: model.SAEConfig, tcfg: train.TrainConfig, mesh: Mesh,
-                        state_specs, chunk_tokens: int = chunked_select.DEFAULT_CHUNK_TOKENS
-                        ) -> tuple[train.TrainState, dict[str, Array]]:
+def sharded_sparse_step(state: train_state.TrainState, x: Float[Array, "b d"],
+                        cfg: model.SAEConfig, tcfg: train_state.TrainConfig, mesh: Mesh,
+                        state_specs, chunk_tokens: int = selection.DEFAULT_CHUNK_TOKENS
+                        ) -> tuple[train_state.TrainState, dict[str, Array]]:
   """One training step of the sparse path over ``mesh``; same update as ``train_step``.
 
   Jit it with the state's shardings (``sharding.jit_sharded_step`` does, and picks this
@@ -490,7 +489,7 @@ def sharded_sparse_step(state: train.TrainState, x: Float[Array, "b d"],
     chunk_tokens: static maximum tokens per encoder chunk on each device.
 
   Returns:
-    ``(new_state, metrics)`` with the metrics of ``train.train_step``, replicated.
+    ``(new_state, metrics)`` with the metrics of ``dense_step.train_step``, replicated.
   """
   b = x.shape[0]
   chunk = check_config(cfg, mesh, b, chunk_tokens)
@@ -501,7 +500,7 @@ def sharded_sparse_step(state: train.TrainState, x: Float[Array, "b d"],
 
 
 def selection_mask(params: sae_params.SAEParams, x: Float[Array, "b d"], cfg: model.SAEConfig,
-                   mesh: Mesh, chunk_tokens: int = chunked_select.DEFAULT_CHUNK_TOKENS):
+                   mesh: Mesh, chunk_tokens: int = selection.DEFAULT_CHUNK_TOKENS):
   """The ``[b, f]`` mask the sharded sparse step selects, sharded ``P("data", "model")``.
 
   Equal to ``model.allocate(model.encode_pre(params, x, cfg), cfg)`` (ties included);

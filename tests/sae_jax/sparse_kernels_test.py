@@ -8,7 +8,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 from jax.test_util import check_grads
 
-from sae_jax import sparse
+from sae_jax.training import sparse_kernels as kernels
 
 B, D, F = 6, 5, 9
 
@@ -33,7 +33,7 @@ class SparseDecodeTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_equals_dense_decode(self):
     rows, cols, values, _, _, _, W_dec, _ = _triples()
-    got = self.variant(lambda v, w: sparse.sparse_decode(v, rows, cols, w, B))(values, W_dec)
+    got = self.variant(lambda v, w: kernels.sparse_decode(v, rows, cols, w, B))(values, W_dec)
     chex.assert_shape(got, (B, D))
     chex.assert_trees_all_close(got, _dense_codes(values, rows, cols) @ W_dec,
                                 rtol=1e-5, atol=1e-6)
@@ -43,7 +43,7 @@ class SparseDecodeTest(chex.TestCase):
     # Hand-computed: token 0 = 2 * row 1 + (-1) * row 0 = [2, 4] - [1, 0] = [1, 4];
     # token 1 = 0.5 * row 1 = [0.5, 1]; token 2 has no entry.
     W_dec = jnp.array([[1.0, 0.0], [1.0, 2.0]])
-    out = self.variant(lambda v: sparse.sparse_decode(
+    out = self.variant(lambda v: kernels.sparse_decode(
         v, jnp.array([0, 0, 1]), jnp.array([1, 0, 1]), W_dec, 3))(jnp.array([2.0, -1.0, 0.5]))
     np.testing.assert_array_equal(out, [[1.0, 4.0], [0.5, 1.0], [0.0, 0.0]])
 
@@ -56,7 +56,7 @@ class SparseDecodeTest(chex.TestCase):
       return lambda v, w: jnp.sum(jnp.sin(decode(v, w) - target))
 
     sparse_grads = self.variant(jax.grad(loss(
-        lambda v, w: sparse.sparse_decode(v, rows, cols, w, B)), argnums=(0, 1)))(values, W_dec)
+        lambda v, w: kernels.sparse_decode(v, rows, cols, w, B)), argnums=(0, 1)))(values, W_dec)
     dense_grads = jax.grad(loss(lambda v, w: _dense_codes(v, rows, cols) @ w),
                            argnums=(0, 1))(values, W_dec)
     chex.assert_trees_all_close(sparse_grads, dense_grads, rtol=1e-5, atol=1e-6)
@@ -64,37 +64,37 @@ class SparseDecodeTest(chex.TestCase):
   def test_blocks_and_shared_rows(self):
     # More triples than one block, and every entry hits decoder row 0 or 1, so the
     # backward scatter must accumulate across blocks.
-    n = sparse.BLOCK + 37
+    n = kernels.BLOCK + 37
     rng = np.random.default_rng(3)
     rows = jnp.asarray(np.arange(n) // 2, jnp.int32)
     cols = jnp.asarray(np.arange(n) % 2, jnp.int32)
     values = jnp.asarray(rng.normal(size=n), jnp.float32)
     W_dec = jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)
     b = int(rows[-1]) + 1
-    f = jax.jit(lambda v, w: jnp.sum(sparse.sparse_decode(v, rows, cols, w, b) ** 2))
+    f = jax.jit(lambda v, w: jnp.sum(kernels.sparse_decode(v, rows, cols, w, b) ** 2))
     dense = lambda v, w: jnp.sum((jnp.zeros((b, 2)).at[rows, cols].set(v) @ w) ** 2)
     chex.assert_trees_all_close(jax.grad(f, (0, 1))(values, W_dec),
                                 jax.grad(dense, (0, 1))(values, W_dec), rtol=1e-4, atol=1e-5)
 
   def test_check_grads(self):
     rows, cols, values, _, _, _, W_dec, _ = _triples(4)
-    check_grads(lambda v, w: sparse.sparse_decode(v, rows, cols, w, B), (values, W_dec),
+    check_grads(lambda v, w: kernels.sparse_decode(v, rows, cols, w, B), (values, W_dec),
                 order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
 
   def test_bad_arguments(self):
     rows, cols, values, _, _, _, W_dec, _ = _triples()
     with self.assertRaisesRegex(ValueError, "rows must be a 1-D integer array"):
-      sparse.sparse_decode(values, rows[:, None], cols, W_dec, B)
+      kernels.sparse_decode(values, rows[:, None], cols, W_dec, B)
     with self.assertRaisesRegex(ValueError, "cols must be a 1-D integer array"):
-      sparse.sparse_decode(values, rows, cols.astype(jnp.float32), W_dec, B)
+      kernels.sparse_decode(values, rows, cols.astype(jnp.float32), W_dec, B)
     with self.assertRaisesRegex(ValueError, "rows and cols must have the same shape"):
-      sparse.sparse_decode(values, rows, cols[:-1], W_dec, B)
+      kernels.sparse_decode(values, rows, cols[:-1], W_dec, B)
     with self.assertRaisesRegex(ValueError, r"values must have shape \[18\]"):
-      sparse.sparse_decode(values[:-1], rows, cols, W_dec, B)
+      kernels.sparse_decode(values[:-1], rows, cols, W_dec, B)
     with self.assertRaisesRegex(ValueError, r"num_rows must be a static Python int >= 1 \("):
-      sparse.sparse_decode(values, rows, cols, W_dec, 0)
+      kernels.sparse_decode(values, rows, cols, W_dec, 0)
     with self.assertRaisesRegex(ValueError, "W_dec must be"):
-      sparse.sparse_decode(values, rows, cols, W_dec[0], B)
+      kernels.sparse_decode(values, rows, cols, W_dec[0], B)
 
 
 class RowBlockDecodeTest(parameterized.TestCase):
@@ -110,14 +110,14 @@ class RowBlockDecodeTest(parameterized.TestCase):
     rows, cols, values, cols_BxK, values_BxK, _, _, W_dec, _ = self._entries(11)
     target = jnp.asarray(np.random.default_rng(2).normal(size=(B, D)), jnp.float32)
     loss = lambda decode: (lambda v, w: jnp.sum(jnp.sin(decode(v, w) - target)))
-    rowwise = jax.jit(lambda v, w: sparse.row_block_decode(v, cols_BxK, w, block_rows))
+    rowwise = jax.jit(lambda v, w: kernels.row_block_decode(v, cols_BxK, w, block_rows))
     got = rowwise(values_BxK, W_dec)
     chex.assert_trees_all_close(got, _dense_codes(values, rows, cols) @ W_dec,
                                 rtol=1e-5, atol=1e-6)
-    chex.assert_trees_all_close(got, sparse.sparse_decode(values, rows, cols, W_dec, B),
+    chex.assert_trees_all_close(got, kernels.sparse_decode(values, rows, cols, W_dec, B),
                                 rtol=1e-5, atol=1e-6)
     g_rows = jax.jit(jax.grad(loss(rowwise), argnums=(0, 1)))(values_BxK, W_dec)
-    g_trip = jax.grad(loss(lambda v, w: sparse.sparse_decode(v.reshape(-1), rows, cols, w, B)),
+    g_trip = jax.grad(loss(lambda v, w: kernels.sparse_decode(v.reshape(-1), rows, cols, w, B)),
                       argnums=(0, 1))(values_BxK, W_dec)
     g_dense = jax.grad(loss(lambda v, w: _dense_codes(v.reshape(-1), rows, cols) @ w),
                        argnums=(0, 1))(values_BxK, W_dec)
@@ -133,12 +133,12 @@ class RowBlockDecodeTest(parameterized.TestCase):
     main_rows, main_cols = rows[perm], cols[perm]
     main_dpre = jax.random.normal(jax.random.key(2), main_rows.shape)
     row_dpre = jax.random.normal(jax.random.key(3), cols_BxK.shape)
-    got = jax.jit(lambda *a: sparse.encoder_grads(
+    got = jax.jit(lambda *a: kernels.encoder_grads(
         *a, row_cols=cols_BxK, row_dpre=row_dpre, block_rows=block_rows))(
             x, W_enc, b_dec, main_rows, main_cols, main_dpre)
-    want = sparse.encoder_grads(x, W_enc, b_dec, jnp.concatenate([main_rows, rows]),
-                                jnp.concatenate([main_cols, cols]),
-                                jnp.concatenate([main_dpre, row_dpre.reshape(-1)]))
+    want = kernels.encoder_grads(x, W_enc, b_dec, jnp.concatenate([main_rows, rows]),
+                                 jnp.concatenate([main_cols, cols]),
+                                 jnp.concatenate([main_dpre, row_dpre.reshape(-1)]))
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
     dense_cot = (jnp.zeros((B, F)).at[main_rows, main_cols].add(main_dpre)
                  .at[rows, cols].add(row_dpre.reshape(-1)))
@@ -150,18 +150,18 @@ class RowBlockDecodeTest(parameterized.TestCase):
   def test_bad_arguments(self):
     rows, cols, values, cols_BxK, values_BxK, x, W_enc, W_dec, b_dec = self._entries(13)
     with self.assertRaisesRegex(ValueError, "cols must be a 2-D integer array"):
-      sparse.row_block_decode(values, cols, W_dec, B)
+      kernels.row_block_decode(values, cols, W_dec, B)
     with self.assertRaisesRegex(ValueError, "values must have the shape"):
-      sparse.row_block_decode(values_BxK[:, :2], cols_BxK, W_dec, B)
+      kernels.row_block_decode(values_BxK[:, :2], cols_BxK, W_dec, B)
     with self.assertRaisesRegex(ValueError, "block_rows must be a static int"):
-      sparse.row_block_decode(values_BxK, cols_BxK, W_dec, 4)  # does not divide 6
+      kernels.row_block_decode(values_BxK, cols_BxK, W_dec, 4)  # does not divide 6
     with self.assertRaisesRegex(ValueError, "W_dec must be"):
-      sparse.row_block_decode(values_BxK, cols_BxK, W_dec[0], B)
+      kernels.row_block_decode(values_BxK, cols_BxK, W_dec[0], B)
     with self.assertRaisesRegex(ValueError, "go together"):
-      sparse.encoder_grads(x, W_enc, b_dec, rows, cols, values, row_cols=cols_BxK)
+      kernels.encoder_grads(x, W_enc, b_dec, rows, cols, values, row_cols=cols_BxK)
     with self.assertRaisesRegex(ValueError, "rows of x"):
-      sparse.encoder_grads(x, W_enc, b_dec, rows, cols, values, row_cols=cols_BxK[:3],
-                           row_dpre=values_BxK[:3], block_rows=3)
+      kernels.encoder_grads(x, W_enc, b_dec, rows, cols, values, row_cols=cols_BxK[:3],
+                            row_dpre=values_BxK[:3], block_rows=3)
 
 
 class SelectedPreTest(chex.TestCase):
@@ -169,7 +169,7 @@ class SelectedPreTest(chex.TestCase):
   @chex.variants(with_jit=True, without_jit=True)
   def test_values_equal_dense_gather(self):
     rows, cols, _, x, W_enc, b_enc, _, b_dec = _triples()
-    got = self.variant(lambda *a: sparse.selected_pre(*a, rows, cols))(x, W_enc, b_enc, b_dec)
+    got = self.variant(lambda *a: kernels.selected_pre(*a, rows, cols))(x, W_enc, b_enc, b_dec)
     pre = (x - b_dec) @ W_enc + b_enc
     chex.assert_trees_all_close(got, pre[rows, cols], rtol=1e-5, atol=1e-6)
 
@@ -179,7 +179,7 @@ class SelectedPreTest(chex.TestCase):
     pre_given = ((x - b_dec) @ W_enc + b_enc)[rows, cols]
 
     def sparse_loss(x, w, be, bd):
-      return jnp.sum(jnp.tanh(sparse.selected_pre(x, w, be, bd, rows, cols, pre_given)) ** 2)
+      return jnp.sum(jnp.tanh(kernels.selected_pre(x, w, be, bd, rows, cols, pre_given)) ** 2)
 
     def dense_loss(x, w, be, bd):
       return jnp.sum(jnp.tanh(((x - bd) @ w + be)[rows, cols]) ** 2)
@@ -191,7 +191,7 @@ class SelectedPreTest(chex.TestCase):
 
   def test_encoder_gradient_only_in_selected_columns(self):
     rows, cols, _, x, W_enc, b_enc, _, b_dec = _triples(6, per_row=1)
-    dW = jax.grad(lambda w: jnp.sum(sparse.selected_pre(x, w, b_enc, b_dec, rows, cols)))(W_enc)
+    dW = jax.grad(lambda w: jnp.sum(kernels.selected_pre(x, w, b_enc, b_dec, rows, cols)))(W_enc)
     unselected = np.setdiff1d(np.arange(F), np.asarray(cols))
     self.assertGreater(len(unselected), 0)
     np.testing.assert_array_equal(np.asarray(dW)[:, unselected], 0.0)
@@ -206,7 +206,7 @@ class SelectedPreTest(chex.TestCase):
     rows, cols, _, x, W_enc, b_enc, _, b_dec = _triples(8)
     rows2, cols2 = jnp.concatenate([rows, rows[:4]]), jnp.concatenate([cols, cols[:4]])
     dpre = jax.random.normal(jax.random.key(1), rows2.shape)
-    dW_FxD, db_enc, db_dec = sparse.encoder_grads(x, W_enc, b_dec, rows2, cols2, dpre)
+    dW_FxD, db_enc, db_dec = kernels.encoder_grads(x, W_enc, b_dec, rows2, cols2, dpre)
     dense_cot = jnp.zeros((B, F)).at[rows2, cols2].add(dpre)
     _, vjp = jax.vjp(lambda w, be, bd: (x - bd) @ w + be, W_enc, b_enc, b_dec)
     want_w, want_be, want_bd = vjp(dense_cot)
@@ -216,24 +216,24 @@ class SelectedPreTest(chex.TestCase):
 
   def test_check_grads(self):
     rows, cols, _, x, W_enc, b_enc, _, b_dec = _triples(7)
-    check_grads(lambda *a: sparse.selected_pre(*a, rows, cols), (x, W_enc, b_enc, b_dec),
+    check_grads(lambda *a: kernels.selected_pre(*a, rows, cols), (x, W_enc, b_enc, b_dec),
                 order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
 
   def test_selection_mask(self):
-    mask = sparse.selection_mask(jnp.array([0, 1, 1]), jnp.array([2, 0, 1]),
-                                 jnp.array([True, True, False]), (2, 3))
+    mask = kernels.selection_mask(jnp.array([0, 1, 1]), jnp.array([2, 0, 1]),
+                                  jnp.array([True, True, False]), (2, 3))
     np.testing.assert_array_equal(mask, [[False, False, True], [True, False, False]])
 
   def test_bad_arguments(self):
     rows, cols, _, x, W_enc, b_enc, _, b_dec = _triples()
     with self.assertRaisesRegex(ValueError, "x must be"):
-      sparse.selected_pre(x[:, :2], W_enc, b_enc, b_dec, rows, cols)
+      kernels.selected_pre(x[:, :2], W_enc, b_enc, b_dec, rows, cols)
     with self.assertRaisesRegex(ValueError, "b_enc must be"):
-      sparse.selected_pre(x, W_enc, b_enc[:2], b_dec, rows, cols)
+      kernels.selected_pre(x, W_enc, b_enc[:2], b_dec, rows, cols)
     with self.assertRaisesRegex(ValueError, "b_enc must be"):
-      sparse.selected_pre(x, W_enc, b_enc, b_dec[:2], rows, cols)
+      kernels.selected_pre(x, W_enc, b_enc, b_dec[:2], rows, cols)
     with self.assertRaisesRegex(ValueError, r"values must have shape \[18\]"):
-      sparse.selected_pre(x, W_enc, b_enc, b_dec, rows, cols, jnp.zeros((3,)))
+      kernels.selected_pre(x, W_enc, b_enc, b_dec, rows, cols, jnp.zeros((3,)))
 
 
 if __name__ == "__main__":

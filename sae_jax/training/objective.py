@@ -1,11 +1,11 @@
 """The SAE training objective, written once for every training step.
 
-Every step (the dense reference :func:`sae_jax.train.train_step`, the one-device sparse
-:func:`sae_jax.fast_step.fast_train_step` and the mesh-sharded sparse
-:func:`sae_jax.sharded_step.sharded_sparse_step`) computes the same quantities; they
-differ only in how they obtain the selected pre-activations and the gradients, and in
-where partial sums live (a ``[b, f]`` code matrix, flat triples, or triples spread over
-devices and reduced with ``psum``). The formulas live here:
+Every step (the dense reference :func:`sae_jax.training.dense_step.train_step`, the
+one-device sparse :func:`sae_jax.training.sparse_step.fast_train_step` and the mesh-sharded
+sparse :func:`sae_jax.training.sharded_step.sharded_sparse_step`) computes the same
+quantities; they differ only in how they obtain the selected pre-activations and the
+gradients, and in where partial sums live (a ``[b, f]`` code matrix, flat triples, or
+triples spread over devices and reduced with ``psum``). The formulas live here:
 
 * the auxiliary loss's candidate features and weights (:func:`aux_candidates`) and its
   per-token top-``k_aux`` (:func:`k_aux`); its scores and its value from the residual's
@@ -30,27 +30,21 @@ References:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from sae_jax import losses
 from sae_jax import metrics
-
-if TYPE_CHECKING:  # configs only; no import cycle at run time
-  from sae_jax import model
-  from sae_jax import train
-
-FEATURE_CHOICE = ("feature_choice", "feature_choice_zipf")
+from sae_jax import model
+from sae_jax.training import train_state
 
 
-def k_aux(cfg: model.SAEConfig, tcfg: train.TrainConfig) -> int:
+def k_aux(cfg: model.SAEConfig, tcfg: train_state.TrainConfig) -> int:
   """The auxiliary top-k per token: ``tcfg.k_aux`` or ``d_model // 2``, at most ``d_sae``."""
   return min(tcfg.k_aux or losses.default_k_aux(cfg.d_model), cfg.d_sae)
 
 
-def aux_candidates(usage: metrics.FeatureUsageState, tcfg: train.TrainConfig
+def aux_candidates(usage: metrics.FeatureUsageState, tcfg: train_state.TrainConfig
                    ) -> tuple[Bool[Array, "f"], Float[Array, "f"] | None] | None:
   """``(candidates [f] bool, weights [f] or None)`` of the auxiliary loss; None without one.
 
@@ -70,7 +64,7 @@ def aux_candidates(usage: metrics.FeatureUsageState, tcfg: train.TrainConfig
 
 
 def total_loss(nmse: Float[Array, ""], l1: Float[Array, ""] | None, aux: Float[Array, ""],
-               cfg: model.SAEConfig, tcfg: train.TrainConfig) -> Float[Array, ""]:
+               cfg: model.SAEConfig, tcfg: train_state.TrainConfig) -> Float[Array, ""]:
   """``nmse + l1_coefficient * l1 + aux_coefficient * aux`` (L1 only when its weight > 0)."""
   loss = nmse
   if cfg.l1_coefficient > 0:
@@ -80,7 +74,7 @@ def total_loss(nmse: Float[Array, ""], l1: Float[Array, ""] | None, aux: Float[A
 
 def per_feature_threshold(cfg: model.SAEConfig) -> bool:
   """Whether the inference threshold is per feature (Feature Choice) or one global value."""
-  return cfg.allocation in FEATURE_CHOICE
+  return cfg.allocation in model.FEATURE_CHOICE
 
 
 def threshold_from_batch_min(threshold: Float[Array, "f"], batch_min: Float[Array, "f"],
@@ -98,7 +92,7 @@ def threshold_from_batch_min(threshold: Float[Array, "f"], batch_min: Float[Arra
 
 
 def step_metrics(*, loss, nmse, aux, l0, usage: metrics.FeatureUsageState,
-                 tcfg: train.TrainConfig, learning_rate, grad_norm, batch_finite
+                 tcfg: train_state.TrainConfig, learning_rate, grad_norm, batch_finite
                  ) -> dict[str, Array]:
   """The scalar metrics every step returns, by name.
 

@@ -59,7 +59,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 from sae_jax import model
-from sae_jax.evaluate import Normalization, as_normalization
+from sae_jax.evaluation.evaluate import Normalization, as_normalization
 from sae_jax.params import SAEParams
 
 SAE_WEIGHTS = "sae_weights.safetensors"

@@ -9,13 +9,14 @@ import numpy as np
 from absl.testing import absltest
 from absl.testing import parameterized
 
-from sae_jax import chunked_select
-from sae_jax import fast_step
 from sae_jax import metrics
 from sae_jax import model
-from sae_jax import objective
-from sae_jax import sparse
-from sae_jax import train
+from sae_jax.training import dense_step
+from sae_jax.training import objective
+from sae_jax.training import selection
+from sae_jax.training import sparse_kernels
+from sae_jax.training import sparse_step
+from sae_jax.training import train_state
 
 B, D, F, K = 64, 16, 128, 4
 CHUNK = 16  # four encoder chunks per batch
@@ -28,14 +29,14 @@ def _batches(n, seed=0, b=B):
 
 def _configs(allocation, aux="none", weighted=False, k=K, **extra):
   cfg = model.SAEConfig(d_model=D, d_sae=F, allocation=allocation, k=k, **extra)
-  tcfg = train.TrainConfig(learning_rate=3e-3, warmup_steps=1, total_steps=50, aux_loss=aux,
-                           zipf_weighted=weighted, dead_after_tokens=B)
+  tcfg = train_state.TrainConfig(learning_rate=3e-3, warmup_steps=1, total_steps=50, aux_loss=aux,
+                                 zipf_weighted=weighted, dead_after_tokens=B)
   return cfg, tcfg
 
 
-_REF = jax.jit(train.train_step, static_argnames=("cfg", "tcfg"))
-_FAST = jax.jit(fast_step.fast_train_step, static_argnames=("cfg", "tcfg", "chunk_tokens"))
-_FAST_FORM = jax.jit(fast_step.fast_train_step,
+_REF = jax.jit(dense_step.train_step, static_argnames=("cfg", "tcfg"))
+_FAST = jax.jit(sparse_step.fast_train_step, static_argnames=("cfg", "tcfg", "chunk_tokens"))
+_FAST_FORM = jax.jit(sparse_step.fast_train_step,
                      static_argnames=("cfg", "tcfg", "chunk_tokens", "aux_form"))
 
 
@@ -46,8 +47,8 @@ def _dense_mask(params, x, cfg):
 
 @partial(jax.jit, static_argnames="cfg")
 def _fast_mask(params, x, cfg):
-  sel, _ = fast_step.select(params, x, cfg, chunk_tokens=CHUNK)
-  return sparse.selection_mask(sel.rows, sel.cols, sel.valid, (x.shape[0], cfg.d_sae)), sel
+  sel, _ = selection.select(params, x, cfg, chunk_tokens=CHUNK)
+  return sparse_kernels.selection_mask(sel.rows, sel.cols, sel.valid, (x.shape[0], cfg.d_sae)), sel
 
 
 def _assert_same_selection(testcase, params, x, cfg):
@@ -59,7 +60,7 @@ def _assert_same_selection(testcase, params, x, cfg):
 
 
 def _run_both(testcase, cfg, tcfg, xs, state=None):
-  state = state if state is not None else train.init_train_state(
+  state = state if state is not None else train_state.init_train_state(
       jax.random.key(0), cfg, tcfg, xs[0])
   ref = fast = state
   history = []
@@ -83,7 +84,7 @@ class FastStepMatchesReferenceTest(parameterized.TestCase):
   def test_same_params_and_selection_after_steps(self, allocation, aux, weighted):
     cfg, tcfg = _configs(allocation, aux, weighted)
     xs = _batches(2)
-    state = train.init_train_state(jax.random.key(0), cfg, tcfg, xs[0])
+    state = train_state.init_train_state(jax.random.key(0), cfg, tcfg, xs[0])
     if aux == "aux_k":
       # Dead from the start, so the auxiliary loss and its gradient are live.
       state = state._replace(usage=state.usage._replace(
@@ -105,7 +106,7 @@ class FastStepMatchesReferenceTest(parameterized.TestCase):
       cfg, tcfg = _configs(allocation)
       x_half = _batches(1, seed=5, b=B // 2)[0]
       x = jnp.repeat(x_half, 2, axis=0)
-      state = train.init_train_state(jax.random.key(1), cfg, tcfg, x)
+      state = train_state.init_train_state(jax.random.key(1), cfg, tcfg, x)
       p = state.params
       p = p._replace(W_enc=jnp.repeat(p.W_enc[:, ::2], 2, axis=1),
                      W_dec=jnp.repeat(p.W_dec[::2], 2, axis=0))
@@ -119,7 +120,7 @@ class FastStepMatchesReferenceTest(parameterized.TestCase):
   def test_all_scores_equal(self, allocation):
     # x == b_dec and b_enc == 0: every pre-activation is exactly 0, one big tie.
     cfg, _ = _configs(allocation)
-    params = train.init_train_state(jax.random.key(2), cfg, train.TrainConfig()).params
+    params = train_state.init_train_state(jax.random.key(2), cfg, train_state.TrainConfig()).params
     x = jnp.broadcast_to(params.b_dec, (B, D))
     _assert_same_selection(self, params, x, cfg)
 
@@ -128,7 +129,7 @@ class FastStepMatchesReferenceTest(parameterized.TestCase):
     xs = _batches(1, seed=7)
     # Token 5 is 100x larger: it alone claims far more than its 4k proposals.
     xs = [x.at[5].multiply(100.0) for x in xs]
-    state = train.init_train_state(jax.random.key(0), cfg, tcfg, xs[0])
+    state = train_state.init_train_state(jax.random.key(0), cfg, tcfg, xs[0])
     _, sel = _fast_mask(state.params, xs[0], cfg)
     self.assertGreater(int(jnp.sum(sel.rows == 5)), 4 * K)
     _run_both(self, cfg, tcfg, xs, state)
@@ -137,21 +138,21 @@ class FastStepMatchesReferenceTest(parameterized.TestCase):
     """Replaces the exact search by a wrong (empty) selection, to see which path ran."""
     def wrong(centred_NxCxD, W_enc, b_enc, n, cfg):
       zeros = jnp.zeros((n,), jnp.int32)
-      return fast_step.Selection(zeros, zeros, jnp.zeros((n,), W_enc.dtype),
+      return selection.Selection(zeros, zeros, jnp.zeros((n,), W_enc.dtype),
                                  jnp.ones((n,), bool))
-    return absltest.mock.patch.object(chunked_select, "_mutual_choice_exact", wrong)
+    return absltest.mock.patch.object(selection, "_mutual_choice_exact", wrong)
 
   def _fresh_select_mask(self, params, x, cfg, chunk=CHUNK):
-    sel, _ = jax.jit(lambda p, v: fast_step.select(p, v, cfg, chunk_tokens=chunk))(params, x)
-    return np.asarray(sparse.selection_mask(sel.rows, sel.cols, sel.valid, x.shape[:1]
-                                            + (cfg.d_sae,)))
+    sel, _ = jax.jit(lambda p, v: selection.select(p, v, cfg, chunk_tokens=chunk))(params, x)
+    return np.asarray(sparse_kernels.selection_mask(sel.rows, sel.cols, sel.valid, x.shape[:1]
+                                                    + (cfg.d_sae,)))
 
   def test_mutual_choice_saturated_rows_widened_without_exact_search(self):
     # Tokens 5-7 claim 33-46 entries each, more than their 4k = 16 proposals and fewer
     # than the 64 of the widened rows: the widened union is exact on its own.
     cfg, tcfg = _configs("mutual_choice")
     x = _batches(1, seed=7)[0].at[5:8].multiply(5.0)
-    state = train.init_train_state(jax.random.key(0), cfg, tcfg, x)
+    state = train_state.init_train_state(jax.random.key(0), cfg, tcfg, x)
     want = np.asarray(_dense_mask(state.params, x, cfg))
     self.assertTrue(np.all(want.sum(1)[5:8] > 4 * K) and np.all(want.sum(1) <= 16 * K))
     with self._patched_exact_returns_nothing():
@@ -163,7 +164,7 @@ class FastStepMatchesReferenceTest(parameterized.TestCase):
     # proposals): only the exact search gets it right, as the patched run shows.
     cfg, tcfg = _configs("mutual_choice")
     x = _batches(1, seed=7)[0].at[5, 0].set(100.0)
-    state = train.init_train_state(jax.random.key(0), cfg, tcfg, x)
+    state = train_state.init_train_state(jax.random.key(0), cfg, tcfg, x)
     params = state.params._replace(W_enc=state.params.W_enc.at[0].add(0.5))
     state = state._replace(params=params)
     want = np.asarray(_dense_mask(params, x, cfg))
@@ -178,8 +179,8 @@ class FastStepMatchesReferenceTest(parameterized.TestCase):
     # chunk of 8 holds, so the exact search runs (and cuts the ties in row-major order).
     cfg, _ = _configs("mutual_choice")
     x = jnp.ones((B, D), jnp.float32)
-    params = train.init_train_state(jax.random.key(0), cfg, _configs("mutual_choice")[1],
-                                    x).params
+    params = train_state.init_train_state(jax.random.key(0), cfg, _configs("mutual_choice")[1],
+                                          x).params
     want = np.asarray(_dense_mask(params, x, cfg))
     np.testing.assert_array_equal(self._fresh_select_mask(params, x, cfg, chunk=8), want)
     with self._patched_exact_returns_nothing():
@@ -190,13 +191,13 @@ class FastStepMatchesReferenceTest(parameterized.TestCase):
     # 3 rows (a chunk of 16 has no such divisor: 2 rows) the ties and offsets still match.
     cfg, tcfg = _configs("mutual_choice")
     x = _batches(1, seed=7)[0].at[5].multiply(100.0)
-    state = train.init_train_state(jax.random.key(0), cfg, tcfg, x)
-    with absltest.mock.patch.object(chunked_select, "EXACT_BLOCK_ENTRIES", 3 * F):
+    state = train_state.init_train_state(jax.random.key(0), cfg, tcfg, x)
+    with absltest.mock.patch.object(selection, "EXACT_BLOCK_ENTRIES", 3 * F):
       for inputs in (x, jnp.ones_like(x)):  # one row's excess; all entries tied
         # A fresh trace, so the patched block size is the one compiled.
-        sel, _ = jax.jit(lambda p, v: fast_step.select(p, v, cfg, chunk_tokens=CHUNK))(
+        sel, _ = jax.jit(lambda p, v: selection.select(p, v, cfg, chunk_tokens=CHUNK))(
             state.params, inputs)
-        got = sparse.selection_mask(sel.rows, sel.cols, sel.valid, (B, F))
+        got = sparse_kernels.selection_mask(sel.rows, sel.cols, sel.valid, (B, F))
         np.testing.assert_array_equal(got, _dense_mask(state.params, inputs, cfg))
         self.assertEqual(int(jnp.sum(got)), K * B)
 
@@ -223,7 +224,7 @@ class AuxFormTest(parameterized.TestCase):
     weighted = aux == "aux_zipf" and allocation in ("mutual_choice", "feature_choice_zipf")
     cfg, tcfg = _configs(allocation, aux, weighted)
     xs = _batches(2, seed=21)
-    state = train.init_train_state(jax.random.key(0), cfg, tcfg, xs[0])
+    state = train_state.init_train_state(jax.random.key(0), cfg, tcfg, xs[0])
     if aux == "aux_k":
       state = _with_dead_features(state)
     # k_aux = 8 of 128 features: the rule's boundary; both forms are forced here. The
@@ -250,32 +251,32 @@ class AuxFormTest(parameterized.TestCase):
       chex.assert_trees_all_close(s, ref, rtol=1e-5, atol=1e-5)
 
   def test_rule(self):
-    self.assertEqual(fast_step.aux_form(32768, 384), "triples")  # Gao et al.: 1.2 %
-    self.assertEqual(fast_step.aux_form(16384, 384), "triples")
-    self.assertEqual(fast_step.aux_form(1536, 192), "dense")  # d=384, F=4d: 12.5 %
-    self.assertEqual(fast_step.aux_form(1024, 128), "dense")
-    self.assertEqual(fast_step.aux_form(2048, 128), "dense")  # exactly the 1/16 boundary
-    self.assertEqual(fast_step.aux_form(2049, 128), "triples")
+    self.assertEqual(sparse_step.aux_form(32768, 384), "triples")  # Gao et al.: 1.2 %
+    self.assertEqual(sparse_step.aux_form(16384, 384), "triples")
+    self.assertEqual(sparse_step.aux_form(1536, 192), "dense")  # d=384, F=4d: 12.5 %
+    self.assertEqual(sparse_step.aux_form(1024, 128), "dense")
+    self.assertEqual(sparse_step.aux_form(2048, 128), "dense")  # exactly the 1/16 boundary
+    self.assertEqual(sparse_step.aux_form(2049, 128), "triples")
     cfg, tcfg = _configs("topk", "aux_k")
-    state = train.init_train_state(jax.random.key(0), cfg, tcfg)
+    state = train_state.init_train_state(jax.random.key(0), cfg, tcfg)
     with self.assertRaisesRegex(ValueError, "aux_form must be one of"):
-      fast_step.fast_train_step(state, _batches(1)[0], cfg, tcfg, aux_form="sparse")
+      sparse_step.fast_train_step(state, _batches(1)[0], cfg, tcfg, aux_form="sparse")
 
   def _trace(self, b, d, f, form="auto"):
     """The step's jaxpr (traced on shapes only: nothing is allocated or compiled) and
     the ``[b, k_aux]`` shapes handed to the dense auxiliary decoder while tracing."""
     cfg = model.SAEConfig(d_model=d, d_sae=f, allocation="topk", k=32)
-    tcfg = train.TrainConfig(aux_loss="aux_k")
-    state = jax.eval_shape(lambda: train.init_train_state(jax.random.key(0), cfg, tcfg))
+    tcfg = train_state.TrainConfig(aux_loss="aux_k")
+    state = jax.eval_shape(lambda: train_state.init_train_state(jax.random.key(0), cfg, tcfg))
     x = jax.ShapeDtypeStruct((b, d), jnp.float32)
-    calls, real = [], sparse.row_block_decode
+    calls, real = [], sparse_kernels.row_block_decode
 
     def spy(values, cols, W_dec, block_rows):
       calls.append((values.shape, block_rows))
       return real(values, cols, W_dec, block_rows)
 
-    with absltest.mock.patch.object(sparse, "row_block_decode", spy):
-      jaxpr = jax.make_jaxpr(partial(fast_step.fast_train_step, cfg=cfg, tcfg=tcfg,
+    with absltest.mock.patch.object(sparse_kernels, "row_block_decode", spy):
+      jaxpr = jax.make_jaxpr(partial(sparse_step.fast_train_step, cfg=cfg, tcfg=tcfg,
                                      aux_form=form))(state, x)
     return calls, str(jaxpr)
 
@@ -300,13 +301,13 @@ class AuxFormTest(parameterized.TestCase):
 class CapacityTiersTest(parameterized.TestCase):
 
   def test_uniform_capacities_form_one_tier(self):
-    tiers = chunked_select.capacity_tiers(np.array([5, 5, 4, 4, 4]), chunk=16)
-    self.assertEqual(tiers, [chunked_select.Tier(0, 5, 5, 5)])
+    tiers = selection.capacity_tiers(np.array([5, 5, 4, 4, 4]), chunk=16)
+    self.assertEqual(tiers, [selection.Tier(0, 5, 5, 5)])
 
   def test_zipf_tiers_cover_every_positive_capacity_within_the_ratio(self):
     cfg = model.SAEConfig(d_model=D, d_sae=4096, allocation="feature_choice_zipf", k=32)
     cap = model.feature_capacities(cfg, 4096)
-    tiers = chunked_select.capacity_tiers(cap, chunk=512)
+    tiers = selection.capacity_tiers(cap, chunk=512)
     self.assertEqual(tiers[0].start, 0)
     for a, b in zip(tiers, tiers[1:]):
       self.assertEqual(a.stop, b.start)
@@ -314,15 +315,15 @@ class CapacityTiersTest(parameterized.TestCase):
     for t in tiers:
       self.assertEqual(t.capacity, cap[t.start])
       self.assertEqual(t.width, min(t.capacity, 512))
-      self.assertTrue(np.all(cap[t.start:t.stop] * chunked_select.TIER_RATIO >= t.capacity))
+      self.assertTrue(np.all(cap[t.start:t.stop] * selection.TIER_RATIO >= t.capacity))
     padded = sum((t.stop - t.start) * t.capacity for t in tiers)
     # Padding is bounded by the ratio; the proposals then cost at most 25 % extra.
-    self.assertLessEqual(padded, chunked_select.TIER_RATIO * cap.sum())
+    self.assertLessEqual(padded, selection.TIER_RATIO * cap.sum())
     self.assertGreater(len(tiers), 5)
 
   def test_increasing_capacities_are_refused(self):
     with self.assertRaisesRegex(ValueError, "non-increasing"):
-      chunked_select.capacity_tiers(np.array([1, 3, 2]), chunk=8)
+      selection.capacity_tiers(np.array([1, 3, 2]), chunk=8)
 
 
 class FastStepPropertiesTest(parameterized.TestCase):
@@ -330,8 +331,8 @@ class FastStepPropertiesTest(parameterized.TestCase):
   def test_no_recompilation_across_steps(self):
     cfg, tcfg = _configs("topk")
     xs = _batches(3, seed=9)
-    state = train.init_train_state(jax.random.key(0), cfg, tcfg, xs[0])
-    step = jax.jit(chex.assert_max_traces(fast_step.fast_train_step, n=1),
+    state = train_state.init_train_state(jax.random.key(0), cfg, tcfg, xs[0])
+    step = jax.jit(chex.assert_max_traces(sparse_step.fast_train_step, n=1),
                    static_argnames=("cfg", "tcfg", "chunk_tokens"))
     chex.clear_trace_counter()
     for x in xs:  # the step counter and schedule value change; the trace does not
@@ -346,14 +347,14 @@ class FastStepPropertiesTest(parameterized.TestCase):
     cfg, tcfg = _configs("topk", aux)
     _, plain = _configs("topk")
     x = _batches(1, seed=12)[0]
-    state = train.init_train_state(jax.random.key(0), cfg, tcfg, x)
+    state = train_state.init_train_state(jax.random.key(0), cfg, tcfg, x)
     if aux == "aux_zipf":
       # A density profile that is exactly a Zipf law: nothing falls below the fit.
       ranks = jnp.arange(1, F + 1, dtype=jnp.float32)
       state = state._replace(usage=state.usage._replace(
           density_ema=0.2 / ranks, num_tokens=jnp.int32(10 * B)))
     self.assertFalse(bool(jnp.any(objective.aux_candidates(state.usage, tcfg)[0])))
-    jaxpr = str(jax.make_jaxpr(partial(fast_step.fast_train_step, cfg=cfg, tcfg=tcfg,
+    jaxpr = str(jax.make_jaxpr(partial(sparse_step.fast_train_step, cfg=cfg, tcfg=tcfg,
                                        chunk_tokens=CHUNK))(state, x))
     self.assertIn("cond", jaxpr)
     got, got_metrics = _FAST(state, x, cfg=cfg, tcfg=tcfg, chunk_tokens=CHUNK)
@@ -366,26 +367,26 @@ class FastStepPropertiesTest(parameterized.TestCase):
   def test_chunk_size_does_not_change_the_step(self):
     cfg, tcfg = _configs("topk")
     x = _batches(1, seed=10)[0]
-    state = train.init_train_state(jax.random.key(0), cfg, tcfg, x)
+    state = train_state.init_train_state(jax.random.key(0), cfg, tcfg, x)
     a, _ = _FAST(state, x, cfg=cfg, tcfg=tcfg, chunk_tokens=B)
     b, _ = _FAST(state, x, cfg=cfg, tcfg=tcfg, chunk_tokens=24)  # uses 16, a divisor
     chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-7)
-    self.assertEqual(fast_step.check_fast_config(cfg, B, 24), 16)
+    self.assertEqual(selection.check_fast_config(cfg, B, 24), 16)
 
   def test_usage_and_threshold_from_triples(self):
     # Tokens 0..2, features 0..3; the selection keeps (0,1)=2.0, (1,1)=0.5, (2,3)=0.0.
     cfg = model.SAEConfig(d_model=2, d_sae=4, allocation="feature_choice", k=1)
-    sel = fast_step.Selection(jnp.array([0, 1, 2]), jnp.array([1, 1, 3]),
+    sel = selection.Selection(jnp.array([0, 1, 2]), jnp.array([1, 1, 3]),
                               jnp.array([2.0, 0.5, -1.0]), jnp.array([True, True, True]))
     codes = jnp.array([2.0, 0.5, 0.0])
     dense = jnp.zeros((3, 4)).at[sel.rows, sel.cols].set(codes)
     usage0 = metrics.feature_usage_init(4)
-    got = fast_step.usage_update(usage0, sel, codes, 3, 0.9)
+    got = sparse_step.usage_update(usage0, sel, codes, 3, 0.9)
     chex.assert_trees_all_close(got, metrics.feature_usage_update(usage0, dense, decay=0.9))
     np.testing.assert_allclose(got.density_ema, [0.0, 2 / 3, 0.0, 0.0])  # 2 of 3 tokens
     theta0 = jnp.array([jnp.inf, 1.0, jnp.inf, 0.3])
-    got_t = fast_step.threshold_update(theta0, sel, codes, cfg, 0.5)
-    np.testing.assert_allclose(got_t, train.update_threshold(theta0, dense, cfg, 0.5))
+    got_t = sparse_step.threshold_update(theta0, sel, codes, cfg, 0.5)
+    np.testing.assert_allclose(got_t, dense_step.update_threshold(theta0, dense, cfg, 0.5))
     np.testing.assert_allclose(got_t, [jnp.inf, 0.75, jnp.inf, 0.3])  # 0.5*1 + 0.5*0.5
 
   def test_bad_arguments(self):
@@ -394,17 +395,18 @@ class FastStepPropertiesTest(parameterized.TestCase):
                             ({"dtype": jnp.float16}, "dtype"),
                             ({"param_dtype": jnp.float16}, "param_dtype")):
       cfg = model.SAEConfig(d_model=D, d_sae=F, k=K, **kwargs)
-      params = train.init_train_state(jax.random.key(0), cfg, train.TrainConfig()).params
+      params = train_state.init_train_state(jax.random.key(0), cfg,
+                                            train_state.TrainConfig()).params
       with self.assertRaisesRegex(ValueError, pattern):
-        fast_step.select(params, x, cfg)
+        selection.select(params, x, cfg)
     cfg, tcfg = _configs("topk")
-    state = train.init_train_state(jax.random.key(0), cfg, tcfg)
+    state = train_state.init_train_state(jax.random.key(0), cfg, tcfg)
     with self.assertRaisesRegex(ValueError, "chunk_tokens must be a static int >= 1; got 0"):
-      fast_step.fast_train_step(state, x, cfg, tcfg, chunk_tokens=0)
+      sparse_step.fast_train_step(state, x, cfg, tcfg, chunk_tokens=0)
     with self.assertRaisesRegex(ValueError, r"k_aux must be a static int in \[1, 128\]"):
-      fast_step.select(state.params, x, cfg, aux_candidates=jnp.ones((F,), bool), k_aux=0)
+      selection.select(state.params, x, cfg, aux_candidates=jnp.ones((F,), bool), k_aux=0)
     with self.assertRaisesRegex(ValueError, "x must have shape"):
-      fast_step.select(state.params, x[:, :3], cfg)
+      selection.select(state.params, x[:, :3], cfg)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""fused_adam.update against the optax path it replaces (train.make_optimizer)."""
+"""adam.update against the optax path it replaces (train_state.make_optimizer)."""
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -7,15 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax import fused_adam
 from sae_jax import model
 from sae_jax import params as sae_params
-from sae_jax import train
+from sae_jax.training import adam
+from sae_jax.training import train_state
 
 
 def _state(d, f, tcfg):
   cfg = model.SAEConfig(d_model=d, d_sae=f, allocation="topk", k=2)
-  return train.init_train_state(jax.random.key(0), cfg, tcfg)
+  return train_state.init_train_state(jax.random.key(0), cfg, tcfg)
 
 
 def _grads(key, params, scale):
@@ -27,16 +27,16 @@ def _grads(key, params, scale):
 class FusedAdamTest(parameterized.TestCase):
 
   @parameterized.product(
-      f=(2 * fused_adam.BLOCK, 3 * fused_adam.BLOCK, 100),  # blocked loops and whole arrays
+      f=(2 * adam.BLOCK, 3 * adam.BLOCK, 100),  # blocked loops and whole arrays
       grad_clip=(1.0, 0.0, 1e3),  # clipping active, disabled, inactive
-      d=(24, 2 * fused_adam.TILE),  # one transpose tile per block, or several
+      d=(24, 2 * adam.TILE),  # one transpose tile per block, or several
   )
   def test_matches_optax_over_steps(self, f, grad_clip, d):
-    tcfg = train.TrainConfig(learning_rate=1e-2, warmup_steps=2, total_steps=20,
-                             grad_clip=grad_clip)
+    tcfg = train_state.TrainConfig(learning_rate=1e-2, warmup_steps=2, total_steps=20,
+                                   grad_clip=grad_clip)
     st = _state(d, f, tcfg)
-    fused = jax.jit(fused_adam.update, static_argnums=3)
-    ref = jax.jit(fused_adam.reference_update, static_argnums=3)
+    fused = jax.jit(adam.update, static_argnums=3)
+    ref = jax.jit(adam.reference_update, static_argnums=3)
     p1, o1 = p2, o2 = st.params, st.opt_state
     for step in range(4):
       g = _grads(jax.random.key(step), p1, 0.5)
@@ -53,31 +53,31 @@ class FusedAdamTest(parameterized.TestCase):
   def test_clip_scales_the_moments(self):
     # With the clip active the moments hold the gradient scaled to unit global norm;
     # the norm reported is the unclipped one, taken after the decoder projection.
-    tcfg = train.TrainConfig(learning_rate=1e-2, warmup_steps=0, total_steps=10)
-    st = _state(8, 2 * fused_adam.BLOCK, tcfg)
+    tcfg = train_state.TrainConfig(learning_rate=1e-2, warmup_steps=0, total_steps=10)
+    st = _state(8, 2 * adam.BLOCK, tcfg)
     g = _grads(jax.random.key(3), st.params, 100.0)
-    _, opt, norm = fused_adam.update(st.params, g._replace(W_enc=g.W_enc.T), st.opt_state,
-                                     tcfg)
+    _, opt, norm = adam.update(st.params, g._replace(W_enc=g.W_enc.T), st.opt_state,
+                               tcfg)
     projected = sae_params.project_decoder_grads(g, st.params.W_dec)
     expected_norm = np.sqrt(sum(np.sum(np.square(a)) for a in projected))
     np.testing.assert_allclose(norm, expected_norm, rtol=1e-5)
-    adam = opt[1][0]
-    np.testing.assert_allclose(adam.mu.W_enc, 0.1 * g.W_enc / expected_norm, rtol=1e-4)
-    np.testing.assert_allclose(adam.nu.W_dec, 0.001 * np.square(projected.W_dec / expected_norm),
+    moments = opt[1][0]
+    np.testing.assert_allclose(moments.mu.W_enc, 0.1 * g.W_enc / expected_norm, rtol=1e-4)
+    np.testing.assert_allclose(moments.nu.W_dec, 0.001 * np.square(projected.W_dec / expected_norm),
                                rtol=1e-3, atol=1e-12)
 
   def test_bad_arguments(self):
-    tcfg = train.TrainConfig()
+    tcfg = train_state.TrainConfig()
     st = _state(8, 32, tcfg)
     g = _grads(jax.random.key(0), st.params, 1.0)
     with self.assertRaisesRegex(ValueError, r"grads.W_enc must have shape \[32, 8\]"):
-      fused_adam.update(st.params, g, st.opt_state, tcfg)
+      adam.update(st.params, g, st.opt_state, tcfg)
     gt = g._replace(W_enc=g.W_enc.T)
     with self.assertRaisesRegex(ValueError, "opt_state must be the state of"):
-      fused_adam.update(st.params, gt, st.opt_state[1], tcfg)
-    no_clip = train.TrainConfig(grad_clip=0.0)
+      adam.update(st.params, gt, st.opt_state[1], tcfg)
+    no_clip = train_state.TrainConfig(grad_clip=0.0)
     with self.assertRaisesRegex(ValueError, "same tcfg.grad_clip"):
-      fused_adam.update(st.params, gt, st.opt_state, no_clip)
+      adam.update(st.params, gt, st.opt_state, no_clip)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Exact selection kernels that beat ``lax.top_k`` on XLA:CPU.
 
 The allocation strategies of :mod:`sae_jax.allocation` and the sparse training step of
-:mod:`sae_jax.fast_step` reduce to two selections over a score matrix: the k best
+:mod:`sae_jax.training.sparse_step` reduce to two selections over a score matrix: the k best
 entries of every row (TopK, the Mutual Choice proposals, Feature Choice in feature-major
 layout) and the n best entries of the whole matrix (Mutual Choice). Both are answered
 here exactly, with the same tie rule as ``lax.top_k`` (lower index first) and the IEEE
