@@ -63,6 +63,44 @@ class Selection(NamedTuple):
   valid: Bool[Array, "n"]
 
 
+def column_order(cols: Int[Array, "n"], num_features: int) -> Int[Array, "n"]:
+  """A permutation putting ``cols`` in ascending order within blocks of entries.
+
+  Each entry's column and its position in its block are packed into one uint32 key
+  (``bits(num_features - 1)`` bits of column, the rest position), so a keys-only sort
+  orders every block by column, ties by position. Blocks hold ``2**(32 - column bits)``
+  consecutive entries (131072 at 32768 features). Measured at 1.6M entries, f=32768 on
+  2 cores: 0.06 s, against 0.40 s for ``jnp.argsort`` (which sorts key-index pairs).
+  """
+  n = cols.shape[0]
+  col_bits = max(1, (int(num_features) - 1).bit_length())
+  if col_bits > 31:
+    raise ValueError(f"num_features must be below 2**31; got {num_features}.")
+  block = min(1 << (32 - col_bits), n)
+  nb = -(-n // block)
+  # Padding takes the largest key of the last block, so it sorts after every real entry.
+  padded = jnp.pad(cols.astype(jnp.uint32), (0, nb * block - n),
+                   constant_values=(1 << col_bits) - 1).reshape(nb, block)
+  keys = (padded << (32 - col_bits)) | jnp.arange(block, dtype=jnp.uint32)
+  pos = lax.sort(keys, dimension=1) & jnp.uint32((1 << (32 - col_bits)) - 1)
+  order = pos.astype(jnp.int32) + (jnp.arange(nb, dtype=jnp.int32) * block)[:, None]
+  return order.reshape(-1)[:n]
+
+
+def by_column(sel: Selection, num_features: int) -> Selection:
+  """The same triples, ordered by feature within blocks (:func:`column_order`).
+
+  The passes over a selection gather decoder rows and scatter into the ``[f, d]``
+  weight gradients by column. With columns in order they walk the weights front to back
+  instead of jumping between random rows, which pays for the sort when the triples are
+  many: the auxiliary losses' ``b * k_aux`` entries. Measured at b=4096, k_aux=384,
+  f=32768, d=768 (2 cores): gradient scatter 0.65 -> 0.22 s, decoder gathers 0.50 ->
+  0.27 s, decode 0.34 -> 0.20 s.
+  """
+  order = column_order(sel.cols, num_features)
+  return Selection(*(a[order] for a in sel))
+
+
 # Compute and parameter dtypes of the sparse steps. With bfloat16 compute the encoder's
 # inputs, weights and scores are bfloat16 (as in model.encode_pre) and the selection is
 # exact on those scores; everything after the selection runs in float32.

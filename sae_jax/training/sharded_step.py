@@ -387,6 +387,8 @@ def _local_step(state: train_state.TrainState, x, aux_in, cfg: model.SAEConfig,
     k_aux = objective.k_aux(cfg, tcfg)
     aux = (cand_loc, weights_loc, min(k_aux, lay.f_loc), k_aux)
   sel, aux_sel = _select(p, x, cfg, lay, aux)
+  if aux_sel is not None:  # many entries: walk the weights in column order
+    aux_sel = selection.by_column(aux_sel, lay.f_loc)
   p32 = jax.tree.map(lambda a: a.astype(jnp.float32), p)  # no copy for float32 parameters
   mean = lax.psum(jnp.sum(x32, axis=0), DATA) / lay.b
   variance = lax.psum(jnp.sum(jnp.square(x32 - mean)), DATA)

@@ -221,6 +221,8 @@ def _step(state: train_state.TrainState, x, aux, cfg: model.SAEConfig,
       block_rows = selection.check_fast_config(cfg, b, chunk_tokens)
   sel, aux_sel = selection.select(state.params, x, cfg, chunk_tokens=chunk_tokens,
                                   aux_candidates=aux_cands, aux_weights=aux_weights, k_aux=k_aux)
+  if aux_sel is not None and block_rows is None:
+    aux_sel = selection.by_column(aux_sel, cfg.d_sae)
   p = state.params
   p32 = jax.tree.map(lambda a: a.astype(jnp.float32), p)  # no copy for float32 parameters
   x32 = x.astype(jnp.float32)

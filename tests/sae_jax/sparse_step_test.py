@@ -326,6 +326,39 @@ class CapacityTiersTest(parameterized.TestCase):
       selection.capacity_tiers(np.array([1, 3, 2]), chunk=8)
 
 
+class ColumnOrderTest(parameterized.TestCase):
+
+  @parameterized.parameters((1000, 16, None), (1000, 1 << 28, 16), (4096, 1 << 29, 8),
+                            (5, 3, None))
+  def test_a_permutation_sorted_by_column_within_blocks(self, n, f, block):
+    # f = 2**28 leaves 4 bits of position: blocks of 16 entries, the last one padded.
+    cols = np.array(jax.random.randint(jax.random.key(n), (n,), 0, f, dtype=jnp.int32))
+    cols[:3] = f - 1  # the largest column sorts before the padding
+    order = np.asarray(selection.column_order(jnp.asarray(cols), f))
+    np.testing.assert_array_equal(np.sort(order), np.arange(n))
+    size = block or n
+    for start in range(0, n, size):
+      got = order[start:start + size]
+      # Within a block: ascending column, ties in their original order (stable).
+      expected = start + np.argsort(cols[start:start + size], kind="stable")
+      np.testing.assert_array_equal(got, expected)
+
+  def test_by_column_permutes_every_field_together(self):
+    sel = selection.Selection(rows=jnp.array([0, 0, 1, 1], jnp.int32),
+                              cols=jnp.array([7, 2, 2, 0], jnp.int32),
+                              pre=jnp.array([1.0, 2.0, 3.0, 4.0]),
+                              valid=jnp.array([True, False, True, True]))
+    out = selection.by_column(sel, 8)
+    np.testing.assert_array_equal(out.cols, [0, 2, 2, 7])
+    np.testing.assert_array_equal(out.rows, [1, 0, 1, 0])
+    np.testing.assert_array_equal(out.pre, [4.0, 2.0, 3.0, 1.0])
+    np.testing.assert_array_equal(out.valid, [True, False, True, True])
+
+  def test_too_many_features_is_refused(self):
+    with self.assertRaisesRegex(ValueError, "num_features"):
+      selection.column_order(jnp.zeros((4,), jnp.int32), 1 << 32)
+
+
 class FastStepPropertiesTest(parameterized.TestCase):
 
   def test_no_recompilation_across_steps(self):
