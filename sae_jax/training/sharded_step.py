@@ -376,9 +376,10 @@ def _surrogate(dec, pre_N, aux_pre_N, x, variance, sel: Selection, aux_sel, aux,
   return local, (codes_N, squared_error, l1, aux_sq, aux_var)
 
 
-def _local_step(state: train_state.TrainState, x, aux_in, cfg: model.SAEConfig,
-                tcfg: train_state.TrainConfig, lay: _Layout):
-  """The step on one device's block; ``aux_in`` = (candidates, weights, any) or None."""
+def _local_gradients(state: train_state.TrainState, x, aux_in, cfg: model.SAEConfig,
+                     tcfg: train_state.TrainConfig, lay: _Layout) -> sparse_step.Gradients:
+  """Gradients and statistics of one device's block (summed over devices where they are
+  shared); ``aux_in`` = (candidates, weights, any) or None."""
   p = state.params
   x32 = x.astype(jnp.float32)
   aux = None
@@ -411,8 +412,6 @@ def _local_step(state: train_state.TrainState, x, aux_in, cfg: model.SAEConfig,
       W_enc=_psum_rows_in_place(dW_enc, DATA), b_enc=lax.psum(db_enc, DATA),
       W_dec=_psum_rows_in_place(g_dec[0], DATA),
       b_dec=lax.psum(g_dec[1], DATA) + lax.psum(db_dec_enc, BOTH))
-  new_params, opt_state, grad_norm = adam.update(
-      p, grads, state.opt_state, tcfg, sum_over_shards=lambda v: lax.psum(v, MODEL))
   codes_N = lax.stop_gradient(codes_N)
   counts = lax.psum(sparse_step.feature_counts(sel, codes_N, lay.f_loc), DATA)
   usage = metrics.feature_usage_from_counts(state.usage, counts, lay.b, decay=tcfg.usage_decay)
@@ -421,13 +420,22 @@ def _local_step(state: train_state.TrainState, x, aux_in, cfg: model.SAEConfig,
   threshold = objective.threshold_from_batch_min(state.threshold, batch_min,
                                                  tcfg.threshold_decay)
   l0 = lax.psum(jnp.sum(codes_N > 0, dtype=jnp.int32), BOTH).astype(jnp.float32) / lay.b
+  return sparse_step.Gradients(grads=grads, loss=loss, nmse=nmse, aux_loss=aux_loss, l0=l0,
+                               usage=usage, threshold=threshold)
+
+
+def _apply(state: train_state.TrainState, x, out, tcfg: train_state.TrainConfig):
+  """The optimiser update in place on this device's shard, and the step's metrics."""
+  new_params, opt_state, grad_norm = adam.update(
+      state.params, out.grads, state.opt_state, tcfg,
+      sum_over_shards=lambda v: lax.psum(v, MODEL))
   step_metrics = objective.step_metrics(
-      loss=loss, nmse=nmse, aux=aux_loss, l0=l0, usage=usage, tcfg=tcfg,
+      loss=out.loss, nmse=out.nmse, aux=out.aux_loss, l0=out.l0, usage=out.usage, tcfg=tcfg,
       learning_rate=train_state.learning_rate_schedule(tcfg)(state.step), grad_norm=grad_norm,
       batch_finite=lax.pmin(jnp.all(jnp.isfinite(x)).astype(jnp.float32), DATA))
   step_metrics["dead_fraction"] = lax.pmean(step_metrics["dead_fraction"], MODEL)
-  return (train_state.TrainState(new_params, opt_state, usage, threshold, state.step + 1),
-          step_metrics)
+  return (train_state.TrainState(new_params, opt_state, out.usage, out.threshold,
+                                 state.step + 1), step_metrics)
 
 
 # Rows per block when a weight gradient is summed over devices in place.
@@ -461,14 +469,16 @@ def _gathered_usage(usage: metrics.FeatureUsageState) -> metrics.FeatureUsageSta
 def _device_step(state, x, cfg, tcfg, lay: _Layout):
   cands = objective.aux_candidates(_gathered_usage(state.usage), tcfg)
   if cands is None:
-    return _local_step(state, x, None, cfg, tcfg, lay)
+    return _apply(state, x, _local_gradients(state, x, None, cfg, tcfg, lay), tcfg)
   cand_F, weights_F = cands
   col0 = lax.axis_index(MODEL) * lay.f_loc
   local = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, col0, lay.f_loc)
   aux_in = (local(cand_F), local(weights_F), jnp.any(cand_F))
-  return lax.cond(aux_in[2],
-                  lambda s, v: _local_step(s, v, aux_in, cfg, tcfg, lay),
-                  lambda s, v: _local_step(s, v, None, cfg, tcfg, lay), state, x)
+  # Gradients in the branches, the state updated in place after them (see sparse_step).
+  out = lax.cond(aux_in[2],
+                 lambda s, v: _local_gradients(s, v, aux_in, cfg, tcfg, lay),
+                 lambda s, v: _local_gradients(s, v, None, cfg, tcfg, lay), state, x)
+  return _apply(state, x, out, tcfg)
 
 
 def sharded_sparse_step(state: train_state.TrainState, x: Float[Array, "b d"],

@@ -42,6 +42,8 @@ References:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
@@ -59,7 +61,7 @@ from sae_jax.training import train_state
 
 __all__ = ["fast_train_step", "jit_fast_train_step", "aux_form", "AUX_FORMS",
            "DENSE_AUX_MIN_FRACTION", "usage_update", "threshold_update", "feature_counts",
-           "batch_min"]
+           "batch_min", "Gradients"]
 
 
 AUX_FORMS = ("auto", "dense", "triples")
@@ -196,18 +198,37 @@ def fast_train_step(state: train_state.TrainState, x: Float[Array, "b d"], cfg: 
     raise ValueError(f"aux_form must be one of {AUX_FORMS}; got {aux_form!r}.")
   aux = objective.aux_candidates(state.usage, tcfg)
   if aux is None:
-    return _step(state, x, None, cfg, tcfg, chunk_tokens, aux_form)
-  candidates, weights = aux
-  return jax.lax.cond(
-      jnp.any(candidates),
-      lambda s, v: _step(s, v, (candidates, weights), cfg, tcfg, chunk_tokens, aux_form),
-      lambda s, v: _step(s, v, None, cfg, tcfg, chunk_tokens, aux_form),
-      state, x)
+    out = _gradients(state, x, None, cfg, tcfg, chunk_tokens, aux_form)
+  else:
+    # The branches return gradients and statistics only: the state is updated in place
+    # after the branch (XLA:CPU copies state a branch returns instead of updating it).
+    candidates, weights = aux
+    out = jax.lax.cond(
+        jnp.any(candidates),
+        lambda s, v: _gradients(s, v, (candidates, weights), cfg, tcfg, chunk_tokens,
+                                aux_form),
+        lambda s, v: _gradients(s, v, None, cfg, tcfg, chunk_tokens, aux_form),
+        state, x)
+  return _apply(state, x, out, tcfg)
 
 
-def _step(state: train_state.TrainState, x, aux, cfg: model.SAEConfig,
-          tcfg: train_state.TrainConfig, chunk_tokens: int, form: str = "auto"):
-  """The step with the auxiliary loss's ``(candidates, weights)``, or without it (None)."""
+class Gradients(NamedTuple):
+  """What a sparse step computes before its optimiser update (also the sharded step's)."""
+
+  grads: sae_params.SAEParams
+  loss: Array
+  nmse: Array
+  aux_loss: Array
+  l0: Array
+  usage: metrics.FeatureUsageState
+  threshold: Array
+
+
+def _gradients(state: train_state.TrainState, x, aux, cfg: model.SAEConfig,
+               tcfg: train_state.TrainConfig, chunk_tokens: int, form: str = "auto"
+               ) -> Gradients:
+  """Gradients and statistics with the auxiliary loss's ``(candidates, weights)``, or
+  without it (None)."""
   b = x.shape[0]
   aux_cands = aux_weights = None
   k_aux = 0
@@ -245,17 +266,24 @@ def _step(state: train_state.TrainState, x, aux, cfg: model.SAEConfig,
       x32, p32.W_enc, p32.b_dec, rows, cols, dpre, **dense_aux)
   grads = sae_params.SAEParams(W_enc=dW_enc_FxD, b_enc=db_enc, W_dec=g_dec[0],
                                b_dec=g_dec[1] + db_dec_enc)
-  new_params, opt_state, grad_norm = adam.update(p, grads, state.opt_state, tcfg)
   codes_N = jax.lax.stop_gradient(codes_N)
-  usage = usage_update(state.usage, sel, codes_N, b, tcfg.usage_decay)
-  threshold = threshold_update(state.threshold, sel, codes_N, cfg, tcfg.threshold_decay)
+  return Gradients(
+      grads=grads, loss=loss, nmse=nmse, aux_loss=aux_loss,
+      l0=jnp.sum(codes_N > 0, dtype=jnp.int32).astype(jnp.float32) / b,
+      usage=usage_update(state.usage, sel, codes_N, b, tcfg.usage_decay),
+      threshold=threshold_update(state.threshold, sel, codes_N, cfg, tcfg.threshold_decay))
+
+
+def _apply(state: train_state.TrainState, x, out: Gradients, tcfg: train_state.TrainConfig):
+  """The optimiser update in place, and the step's metrics."""
+  new_params, opt_state, grad_norm = adam.update(state.params, out.grads, state.opt_state,
+                                                 tcfg)
   step_metrics = objective.step_metrics(
-      loss=loss, nmse=nmse, aux=aux_loss,
-      l0=jnp.sum(codes_N > 0, dtype=jnp.int32).astype(jnp.float32) / b, usage=usage, tcfg=tcfg,
+      loss=out.loss, nmse=out.nmse, aux=out.aux_loss, l0=out.l0, usage=out.usage, tcfg=tcfg,
       learning_rate=train_state.learning_rate_schedule(tcfg)(state.step), grad_norm=grad_norm,
       batch_finite=jnp.all(jnp.isfinite(x)).astype(jnp.float32))
-  return (train_state.TrainState(new_params, opt_state, usage, threshold, state.step + 1),
-          step_metrics)
+  return (train_state.TrainState(new_params, opt_state, out.usage, out.threshold,
+                                 state.step + 1), step_metrics)
 
 
 jit_fast_train_step = jax.jit(fast_train_step,
