@@ -352,7 +352,15 @@ def _surrogate(dec, pre_N, aux_pre_N, x, variance, sel: Selection, aux_sel, aux,
   W_dec, b_dec = dec
   b_loc = x.shape[0]
   codes_N = jnp.where(sel.valid, jax.nn.relu(pre_N), jnp.zeros_like(pre_N))
-  part = sparse_kernels.sparse_decode(codes_N, sel.rows, sel.cols, W_dec, b_loc)
+  if aux_sel is None:
+    part = sparse_kernels.sparse_decode(codes_N, sel.rows, sel.cols, W_dec, b_loc)
+  else:  # both decodes at once: one decoder-gradient buffer
+    cand_loc, weights_loc, any_cand = aux
+    scores_N = losses.aux_scores(aux_pre_N, cand_loc[aux_sel.cols],
+                                 None if weights_loc is None else weights_loc[aux_sel.cols])
+    aux_codes_N = jnp.where(aux_sel.valid, jax.nn.relu(scores_N), 0.0)
+    part, aux_part = sparse_kernels.sparse_decode_pair(
+        codes_N, sel.rows, sel.cols, aux_codes_N, aux_sel.rows, aux_sel.cols, W_dec, b_loc)
   recon = part + lax.stop_gradient(lax.psum(part, MODEL) - part) + b_dec
   squared_error = jnp.sum(jnp.square(recon - x))
   local = squared_error / variance
@@ -362,12 +370,7 @@ def _surrogate(dec, pre_N, aux_pre_N, x, variance, sel: Selection, aux_sel, aux,
     local = local + cfg.l1_coefficient * l1
   aux_sq = aux_var = jnp.zeros((), jnp.float32)
   if aux_sel is not None:
-    cand_loc, weights_loc, any_cand = aux
-    scores_N = losses.aux_scores(aux_pre_N, cand_loc[aux_sel.cols],
-                                 None if weights_loc is None else weights_loc[aux_sel.cols])
-    aux_codes_N = jnp.where(aux_sel.valid, jax.nn.relu(scores_N), 0.0)
     residual = x - lax.stop_gradient(recon)
-    aux_part = sparse_kernels.sparse_decode(aux_codes_N, aux_sel.rows, aux_sel.cols, W_dec, b_loc)
     residual_hat = aux_part + lax.stop_gradient(lax.psum(aux_part, MODEL) - aux_part)
     aux_sq = jnp.sum(jnp.square(residual_hat - residual))
     mean = lax.psum(jnp.sum(residual, axis=0), DATA) / b

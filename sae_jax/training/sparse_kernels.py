@@ -74,8 +74,9 @@ def _pad(arr_N, total: int):
   return jnp.pad(arr_N, (0, total - arr_N.shape[0]))
 
 
-def _scatter_rows(num_out: int, idx_N, coef_N, src_SxD, src_idx_N):
-  """``out[idx[i]] += coef[i] * src[src_idx[i]]`` into zeros ``[num_out, d]``, by blocks."""
+def _scatter_rows(num_out: int, idx_N, coef_N, src_SxD, src_idx_N, init_MxD=None):
+  """``out[idx[i]] += coef[i] * src[src_idx[i]]`` into zeros ``[num_out, d]`` (or into
+  ``init_MxD``, updated in place), by blocks."""
   block, num = _blocks(idx_N.shape[0])
   src_SxD = jnp.asarray(src_SxD)
   # Padding entries have coefficient 0: they add exact zeros to row 0.
@@ -85,8 +86,11 @@ def _scatter_rows(num_out: int, idx_N, coef_N, src_SxD, src_idx_N):
   # and two loops starting from one shared broadcast each copy it (an extra
   # [num_out, d] buffer). The fill depends on this call's coefficients: +0, or -0 when
   # the first one is NaN (the result then holds NaN anyway).
-  zero = jnp.where(coef_N[0] != coef_N[0], -0.0, 0.0).astype(src_SxD.dtype)
-  out_MxD = jnp.full((num_out, src_SxD.shape[1]), zero, src_SxD.dtype)
+  if init_MxD is None:
+    zero = jnp.where(coef_N[0] != coef_N[0], -0.0, 0.0).astype(src_SxD.dtype)
+    out_MxD = jnp.full((num_out, src_SxD.shape[1]), zero, src_SxD.dtype)
+  else:
+    out_MxD = init_MxD
   coef_N = coef_N.astype(src_SxD.dtype)
 
   def body(i, acc):
@@ -185,6 +189,55 @@ def sparse_decode(values: Float[Array, "n"], rows: Int[Array, "n"], cols: Int[Ar
   if W_dec.ndim != 2:
     raise ValueError(f"W_dec must be [f, d]; got shape {list(W_dec.shape)}.")
   return _decode(values.astype(W_dec.dtype), rows, cols, W_dec, num_rows)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _decode_pair(values_N, rows_N, cols_N, values_M, rows_M, cols_M, W_dec_FxD, num_rows):
+  return _decode_pair_fwd(values_N, rows_N, cols_N, values_M, rows_M, cols_M, W_dec_FxD,
+                          num_rows)[0]
+
+
+def _decode_pair_fwd(values_N, rows_N, cols_N, values_M, rows_M, cols_M, W_dec_FxD, num_rows):
+  out = (_scatter_rows(num_rows, rows_N, values_N, W_dec_FxD, cols_N),
+         _scatter_rows(num_rows, rows_M, values_M, W_dec_FxD, cols_M))
+  return out, (values_N, rows_N, cols_N, values_M, rows_M, cols_M, W_dec_FxD)
+
+
+def _decode_pair_bwd(num_rows, res, douts):
+  values_N, rows_N, cols_N, values_M, rows_M, cols_M, W_dec_FxD = res
+  dout_N, dout_M = douts
+  dvalues_N = _gather_dot(dout_N, rows_N, W_dec_FxD, cols_N)
+  dvalues_M = _gather_dot(dout_M, rows_M, W_dec_FxD, cols_M)
+  f = W_dec_FxD.shape[0]
+  # One accumulator for both decodes: the second scatter continues the first in place.
+  dW_FxD = _scatter_rows(f, cols_N, values_N, dout_N, rows_N)
+  dW_FxD = _scatter_rows(f, cols_M, values_M, dout_M, rows_M, init_MxD=dW_FxD)
+  return (dvalues_N.astype(values_N.dtype), None, None, dvalues_M.astype(values_M.dtype),
+          None, None, dW_FxD)
+
+
+_decode_pair.defvjp(_decode_pair_fwd, _decode_pair_bwd)
+
+
+def sparse_decode_pair(values: Float[Array, "n"], rows: Int[Array, "n"], cols: Int[Array, "n"],
+                       values2: Float[Array, "m"], rows2: Int[Array, "m"],
+                       cols2: Int[Array, "m"], W_dec: Float[Array, "f d"], num_rows: int
+                       ) -> tuple[Float[Array, "b d"], Float[Array, "b d"]]:
+  """Two :func:`sparse_decode` of the same decoder, one decoder-gradient buffer.
+
+  Equal to ``(sparse_decode(values, rows, cols, W_dec, num_rows), sparse_decode(values2,
+  rows2, cols2, W_dec, num_rows))`` and to their gradients up to float32 rounding, but the
+  backward pass accumulates both ``[f, d]`` decoder gradients into one buffer instead of
+  two summed afterwards (the main and auxiliary decodes of a step: 100 MiB less at
+  f=32768, d=768).
+  """
+  _check_triples(rows, cols, values)
+  _check_triples(rows2, cols2, values2)
+  num_rows = _check_static_rows(num_rows)
+  if W_dec.ndim != 2:
+    raise ValueError(f"W_dec must be [f, d]; got shape {list(W_dec.shape)}.")
+  return _decode_pair(values.astype(W_dec.dtype), rows, cols, values2.astype(W_dec.dtype),
+                      rows2, cols2, W_dec, num_rows)
 
 
 def _check_row_entries(values_BxK, cols_BxK, block_rows) -> None:

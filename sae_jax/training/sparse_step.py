@@ -105,20 +105,26 @@ def _sparse_loss(dec: tuple[Array, Array], pre_N, aux_pre_N, x, sel: selection.S
   W_dec, b_dec = dec
   b = x.shape[0]
   codes_N = jnp.where(sel.valid, jax.nn.relu(pre_N), jnp.zeros_like(pre_N))
-  recon_BxD = sparse_kernels.sparse_decode(codes_N, sel.rows, sel.cols, W_dec, b) + b_dec
+  aux_codes_N = aux_hat_BxD = None
+  if aux_sel is not None:
+    aux_codes_N = jax.nn.relu(losses.aux_scores(
+        aux_pre_N, aux_candidates[aux_sel.cols],
+        None if aux_weights is None else aux_weights[aux_sel.cols]))
+  if aux_sel is not None and aux_block_rows is None:  # both decodes, one gradient buffer
+    recon_BxD, aux_hat_BxD = sparse_kernels.sparse_decode_pair(
+        codes_N, sel.rows, sel.cols, aux_codes_N, aux_sel.rows, aux_sel.cols, W_dec, b)
+  else:
+    recon_BxD = sparse_kernels.sparse_decode(codes_N, sel.rows, sel.cols, W_dec, b)
+  recon_BxD = recon_BxD + b_dec
   nmse = metrics.normalized_mse(recon_BxD, x)
   l1 = None
   if cfg.l1_coefficient > 0:
     l1 = jnp.sum(jnp.abs(codes_N) * losses.decoder_row_norms(W_dec)[sel.cols]) / b
   aux = jnp.zeros((), jnp.float32)
   if aux_sel is not None:
-    aux_codes_N = jax.nn.relu(losses.aux_scores(
-        aux_pre_N, aux_candidates[aux_sel.cols],
-        None if aux_weights is None else aux_weights[aux_sel.cols]))
     residual_BxD = x - jax.lax.stop_gradient(recon_BxD)
     if aux_block_rows is None:
-      residual_hat_BxD = sparse_kernels.sparse_decode(aux_codes_N, aux_sel.rows, aux_sel.cols,
-                                                      W_dec, b)
+      residual_hat_BxD = aux_hat_BxD
     else:
       residual_hat_BxD = sparse_kernels.row_block_decode(
           aux_codes_N.reshape(b, -1), aux_sel.cols.reshape(b, -1), W_dec, aux_block_rows)

@@ -97,6 +97,38 @@ class SparseDecodeTest(chex.TestCase):
       kernels.sparse_decode(values, rows, cols, W_dec[0], B)
 
 
+class SparseDecodePairTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_outputs_and_gradients_equal_two_decodes(self):
+    # Two selections over the same decoder (a main one and an auxiliary one with more
+    # entries per token, overlapping it), with different losses on each output.
+    rows, cols, values, _, _, _, W_dec, _ = _triples(5)
+    rows2, cols2, values2, *_ = _triples(6, per_row=5)
+    target = jnp.asarray(np.random.default_rng(7).normal(size=(B, D)), jnp.float32)
+
+    def loss(a, b):
+      return jnp.sum(jnp.sin(a - target)) + 0.3 * jnp.sum(jnp.square(b + target))
+
+    def pair(v, v2, w):
+      return loss(*kernels.sparse_decode_pair(v, rows, cols, v2, rows2, cols2, w, B))
+
+    def two(v, v2, w):
+      return loss(kernels.sparse_decode(v, rows, cols, w, B),
+                  kernels.sparse_decode(v2, rows2, cols2, w, B))
+
+    got = self.variant(jax.value_and_grad(pair, argnums=(0, 1, 2)))(values, values2, W_dec)
+    expected = jax.value_and_grad(two, argnums=(0, 1, 2))(values, values2, W_dec)
+    chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
+
+  def test_bad_arguments(self):
+    rows, cols, values, _, _, _, W_dec, _ = _triples()
+    with self.assertRaisesRegex(ValueError, "rows and cols must have the same shape"):
+      kernels.sparse_decode_pair(values, rows, cols, values, rows, cols[:-1], W_dec, B)
+    with self.assertRaisesRegex(ValueError, "W_dec must be"):
+      kernels.sparse_decode_pair(values, rows, cols, values, rows, cols, W_dec[0], B)
+
+
 class RowBlockDecodeTest(parameterized.TestCase):
   """The dense per-block form against the flat-triple kernels and the dense formula."""
 
