@@ -1,12 +1,12 @@
 """The sparse SAE training step on a ("data", "model") mesh of any shape.
 
 :func:`sharded_sparse_step` computes the update of the dense reference
-:func:`sae_jax.training.dense_step.train_step` (same selection, same parameters up to float32
-rounding) with the work of :func:`sae_jax.training.sparse_step.fast_train_step` spread over
-devices: tokens over "data", the dictionary over "model". It runs inside
+:func:`sae_jax.training.dense_step.train_step` (same selection, same parameters up to
+float32 rounding) with the work of :func:`sae_jax.training.sparse_step.fast_train_step`
+spread over devices: tokens over "data", the dictionary over "model". It runs inside
 ``jax.shard_map``; each device holds ``[b / n_data, d]`` tokens, the encoder columns,
-decoder rows, Adam moments, usage statistics and thresholds of ``f / n_model`` features,
-and a replicated ``b_dec``. Nothing of size ``[b, f]`` is communicated:
+decoder rows, Adam moments, usage statistics and thresholds of ``f / n_model`` features, and
+a replicated ``b_dec``. Nothing of size ``[b, f]`` is communicated:
 
 1. Selection, exact across shards (ties as in :mod:`sae_jax.allocation`). Each device
    runs its encoder over chunks of its tokens and keeps per-chunk proposals, as the
@@ -78,7 +78,6 @@ from sae_jax import metrics
 from sae_jax import model
 from sae_jax import params as sae_params
 from sae_jax.training import adam
-from sae_jax.training import dense_step
 from sae_jax.training import objective
 from sae_jax.training import selection
 from sae_jax.training import sparse_kernels

@@ -1,8 +1,9 @@
 """A sparse SAE training step whose only dense work is the encoder matmul.
 
-:func:`fast_train_step` computes the same update as :func:`sae_jax.training.dense_step.train_step`
-(same selection, same parameters up to float32 rounding) without ever holding a
-``[b, f]`` array other than one chunk of pre-activations:
+:func:`fast_train_step` computes the same update as
+:func:`sae_jax.training.dense_step.train_step` (same selection, same parameters up to
+float32 rounding) without ever holding a ``[b, f]`` array other than one chunk of
+pre-activations:
 
 1. The encoder runs over chunks of ``chunk_tokens`` tokens and the selection becomes a
    flat list of ``(token, feature, pre-activation)`` triples of static length, exactly
@@ -53,7 +54,6 @@ from sae_jax import metrics
 from sae_jax import model
 from sae_jax import params as sae_params
 from sae_jax.training import adam
-from sae_jax.training import dense_step
 from sae_jax.training import objective
 from sae_jax.training import selection
 from sae_jax.training import sparse_kernels
