@@ -197,6 +197,18 @@ def _flat_rows(b: int, k: int) -> Array:
   return jnp.repeat(jnp.arange(b, dtype=jnp.int32), k)
 
 
+def exact_block_rows(chunk: int, num_features: int) -> int:
+  """Rows per block when the exact Mutual Choice search collects a chunk's kept entries.
+
+  The most rows that divide ``chunk`` with at most :data:`EXACT_BLOCK_ENTRIES` entries
+  (at least one row), so the index arithmetic of this rarely taken branch (keys, flat
+  indices, the compaction's prefix counts) does not add chunk-sized buffers to the
+  step's peak memory: XLA sizes a ``lax.cond`` for its largest branch.
+  """
+  return max(r for r in range(1, chunk + 1)
+             if chunk % r == 0 and (r == 1 or r * num_features <= EXACT_BLOCK_ENTRIES))
+
+
 def _mutual_choice_exact(centred_NxCxD, W_enc, b_enc, n: int, cfg) -> Selection:
   """Exact flat Mutual Choice by a threshold search over recomputed chunks.
 
@@ -217,11 +229,7 @@ def _mutual_choice_exact(centred_NxCxD, W_enc, b_enc, n: int, cfg) -> Selection:
   t = allocation.bisect_uint32(lambda u: count(lambda key: key >= u), n)
   need = n - count(lambda key: key > t)  # ties at t kept in row-major order
 
-  # Each chunk is collected in blocks of whole rows of at most EXACT_BLOCK_ENTRIES
-  # entries, so the index arithmetic of this rarely taken branch does not add
-  # chunk-sized buffers to the step's peak memory.
-  sub = max(r for r in range(1, bc + 1)
-            if bc % r == 0 and (r == 1 or r * f <= EXACT_BLOCK_ENTRIES))
+  sub = exact_block_rows(bc, f)
   m = min(n, sub * f)
 
   def body(c, carry):

@@ -320,19 +320,35 @@ def _mutual_choice_exact(centred, p, cfg, lay: _Layout, row0, col0) -> Selection
   # Ties at t: the `need` lowest flat indices, i.e. the largest complements ~flat.
   u_inv = allocation.bisect_uint32(lambda u: count(lambda k, fl: (k == t) & (~fl >= u)),
                                    need)
-  m = min(lay.size, bc * f_loc)
+  # Collected in blocks of whole rows (selection.exact_block_rows): keys, flat indices
+  # and the compaction exist per block, so only the chunk's pre-activations are
+  # chunk-sized.
+  sub = selection.exact_block_rows(bc, f_loc)
+  m = min(lay.size, sub * f_loc)
+  block_rows = jnp.arange(sub, dtype=jnp.uint32)[:, None]
 
   def collect(c, carry):
-    before, rows_N, cols_N, pre_N = carry
-    keys, flat, pre = chunk(c)
-    kept = ((keys > t) | ((keys == t) & (~flat >= u_inv) & (need > 0))).reshape(-1)
-    pos = jnp.nonzero(kept, size=m, fill_value=0)[0].astype(jnp.int32)
-    n_kept = jnp.sum(kept, dtype=jnp.int32)
-    slot = jnp.where(jnp.arange(m) < n_kept, before + jnp.arange(m, dtype=jnp.int32), lay.size)
-    rows_N = rows_N.at[slot].set(c * bc + pos // f_loc, mode="drop")
-    cols_N = cols_N.at[slot].set(pos % f_loc, mode="drop")
-    pre_N = pre_N.at[slot].set(pre.reshape(-1)[pos], mode="drop")
-    return before + n_kept, rows_N, cols_N, pre_N
+    pre_blocks = selection.chunk_pre(centred[c], p.W_enc, p.b_enc).reshape(
+        bc // sub, sub * f_loc)
+
+    def block(j, carry):
+      before, rows_N, cols_N, pre_N = carry
+      pre = pre_blocks[j]
+      keys = allocation.sortable_key(selection.selection_scores(pre, cfg))
+      row_0 = (row0 + c * bc + j * sub).astype(jnp.uint32)
+      flat = ((row_0 + block_rows) * jnp.uint32(f) + (col0.astype(jnp.uint32)
+                                                      + local_cols)).reshape(-1)
+      kept = (keys > t) | ((keys == t) & (~flat >= u_inv) & (need > 0))
+      pos = jnp.nonzero(kept, size=m, fill_value=0)[0].astype(jnp.int32)
+      n_kept = jnp.sum(kept, dtype=jnp.int32)
+      slot = jnp.where(jnp.arange(m) < n_kept, before + jnp.arange(m, dtype=jnp.int32),
+                       lay.size)
+      rows_N = rows_N.at[slot].set(c * bc + j * sub + pos // f_loc, mode="drop")
+      cols_N = cols_N.at[slot].set(pos % f_loc, mode="drop")
+      pre_N = pre_N.at[slot].set(pre[pos], mode="drop")
+      return before + n_kept, rows_N, cols_N, pre_N
+
+    return lax.fori_loop(0, bc // sub, block, carry)
 
   init = (jnp.int32(0), jnp.zeros((lay.size,), jnp.int32), jnp.zeros((lay.size,), jnp.int32),
           jnp.zeros((lay.size,), jnp.float32))
@@ -402,14 +418,13 @@ def _local_gradients(state: train_state.TrainState, x, aux_in, cfg: model.SAECon
   nmse = lax.psum(sq, DATA) / variance
   l1_total = lax.psum(l1, BOTH) if cfg.l1_coefficient > 0 else None
   aux_loss = jnp.zeros((), jnp.float32)
-  rows, cols, dpre = sel.rows, sel.cols, g_pre
-  if aux_sel is not None:
+  more = None
+  if aux_sel is not None:  # both losses' entries scattered into one gradient buffer
     aux_loss = losses.residual_loss(lax.psum(aux_sq, DATA), aux_var, aux_in[2])
-    rows, cols, dpre = (jnp.concatenate(a) for a in ((rows, aux_sel.rows),
-                                                       (cols, aux_sel.cols), (dpre, g_aux_pre)))
+    more = (aux_sel.rows, aux_sel.cols, g_aux_pre)
   loss = objective.total_loss(nmse, l1_total, aux_loss, cfg, tcfg)
-  dW_enc, db_enc, db_dec_enc = sparse_kernels.encoder_grads(x32, p32.W_enc, p32.b_dec, rows, cols,
-                                                            dpre)
+  dW_enc, db_enc, db_dec_enc = sparse_kernels.encoder_grads(
+      x32, p32.W_enc, p32.b_dec, sel.rows, sel.cols, g_pre, more=more)
   grads = sae_params.SAEParams(
       W_enc=_psum_rows_in_place(dW_enc, DATA), b_enc=lax.psum(db_enc, DATA),
       W_dec=_psum_rows_in_place(g_dec[0], DATA),

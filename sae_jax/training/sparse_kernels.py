@@ -74,9 +74,10 @@ def _pad(arr_N, total: int):
   return jnp.pad(arr_N, (0, total - arr_N.shape[0]))
 
 
-def _scatter_rows(num_out: int, idx_N, coef_N, src_SxD, src_idx_N, init_MxD=None):
-  """``out[idx[i]] += coef[i] * src[src_idx[i]]`` into zeros ``[num_out, d]`` (or into
-  ``init_MxD``, updated in place), by blocks."""
+def _scatter_rows(num_out: int, idx_N, coef_N, src_SxD, src_idx_N, init_MxD=None,
+                  shift_D=None):
+  """``out[idx[i]] += coef[i] * (src[src_idx[i]] - shift)`` into zeros ``[num_out, d]`` (or
+  into ``init_MxD``, updated in place), by blocks; ``shift`` defaults to none."""
   block, num = _blocks(idx_N.shape[0])
   src_SxD = jnp.asarray(src_SxD)
   # Padding entries have coefficient 0: they add exact zeros to row 0.
@@ -95,7 +96,10 @@ def _scatter_rows(num_out: int, idx_N, coef_N, src_SxD, src_idx_N, init_MxD=None
 
   def body(i, acc):
     sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * block, block)
-    terms = sl(coef_N)[:, None] * src_SxD[sl(src_idx_N)]
+    src = src_SxD[sl(src_idx_N)]
+    if shift_D is not None:
+      src = src - shift_D
+    terms = sl(coef_N)[:, None] * src
     return acc.at[sl(idx_N)].add(terms)
 
   return jax.lax.fori_loop(0, num, body, out_MxD)
@@ -392,7 +396,8 @@ def _selected_fwd(pre_N, rows_N, cols_N, x_BxD, W_enc_DxF, b_enc_F, b_dec_D):
 def encoder_grads(x: Float[Array, "b d"], W_enc: Float[Array, "d f"],
                   b_dec: Float[Array, "d"], rows: Int[Array, "n"], cols: Int[Array, "n"],
                   dpre: Float[Array, "n"], *, row_cols: Int[Array, "b k"] | None = None,
-                  row_dpre: Float[Array, "b k"] | None = None, block_rows: int | None = None
+                  row_dpre: Float[Array, "b k"] | None = None, block_rows: int | None = None,
+                  more: tuple[Array, Array, Array] | None = None
                   ) -> tuple[Array, Array, Array]:
   """Encoder gradients for a pre-activation cotangent that is non-zero only at triples.
 
@@ -408,6 +413,10 @@ def encoder_grads(x: Float[Array, "b d"], W_enc: Float[Array, "d f"],
   The triples' row scatter is then skipped entirely (see :func:`row_block_decode` for
   when this pays).
 
+  ``more`` = ``(rows, cols, dpre)`` of a second cotangent (an auxiliary loss's entries)
+  is scattered into the same gradient buffer after the first: the result of
+  concatenating the two lists, without the concatenated copies.
+
   Returns:
     ``(dW_enc_FxD, db_enc, db_dec)``; the weight gradient in the transposed ``[f, d]``
     layout in which it is scattered (transpose it, or hand it to
@@ -415,11 +424,22 @@ def encoder_grads(x: Float[Array, "b d"], W_enc: Float[Array, "d f"],
   """
   _check_triples(rows, cols, dpre)
   d, f = W_enc.shape
-  centred_BxD = (x - b_dec).astype(W_enc.dtype)
   if row_cols is None and row_dpre is None:
-    dW_FxD = _scatter_rows(f, cols, dpre, centred_BxD, rows)
+    # Rows of x - b_dec formed per block as they are gathered: no [b, d] copy.
+    x_BxD, shift_D = x.astype(W_enc.dtype), b_dec.astype(W_enc.dtype)
+    if x.dtype != W_enc.dtype or b_dec.dtype != W_enc.dtype:  # round as (x - b_dec) would
+      x_BxD, shift_D = (x - b_dec).astype(W_enc.dtype), None
+    dW_FxD = _scatter_rows(f, cols, dpre, x_BxD, rows, shift_D=shift_D)
     db_enc_F = jnp.zeros((f,), W_enc.dtype).at[cols].add(dpre)
+    if more is not None:
+      rows2, cols2, dpre2 = more
+      _check_triples(rows2, cols2, dpre2)
+      dW_FxD = _scatter_rows(f, cols2, dpre2, x_BxD, rows2, init_MxD=dW_FxD, shift_D=shift_D)
+      db_enc_F = db_enc_F.at[cols2].add(dpre2)
   else:
+    centred_BxD = (x - b_dec).astype(W_enc.dtype)
+    if more is not None:
+      raise ValueError("more goes with triples only, not with row_cols / row_dpre.")
     if row_cols is None or row_dpre is None or block_rows is None:
       raise ValueError("row_cols, row_dpre and block_rows go together.")
     _check_row_entries(row_dpre, row_cols, block_rows)

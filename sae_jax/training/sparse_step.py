@@ -258,18 +258,15 @@ def _gradients(state: train_state.TrainState, x, aux, cfg: model.SAEConfig,
       _sparse_loss, argnums=(0, 1, 2), has_aux=True)(
           (p32.W_dec, p32.b_dec), sel.pre, aux_pre, x32, sel, aux_sel, aux_cands,
           aux_weights, cfg, tcfg, block_rows)
-  rows, cols, dpre = sel.rows, sel.cols, g_pre
   if aux_sel is None:
-    dense_aux = {}
-  elif block_rows is None:  # one scatter for both losses; shared entries add up
-    dense_aux = {}
-    rows, cols, dpre = (jnp.concatenate(a) for a in ((rows, aux_sel.rows),
-                                                       (cols, aux_sel.cols), (dpre, g_aux_pre)))
+    aux_grads = {}
+  elif block_rows is None:  # both losses' entries scattered into one gradient buffer
+    aux_grads = {"more": (aux_sel.rows, aux_sel.cols, g_aux_pre)}
   else:  # dense per-chunk blocks of the auxiliary cotangent, the main triples folded in
-    dense_aux = {"row_cols": aux_sel.cols.reshape(b, k_aux),
+    aux_grads = {"row_cols": aux_sel.cols.reshape(b, k_aux),
                  "row_dpre": g_aux_pre.reshape(b, k_aux), "block_rows": block_rows}
   dW_enc_FxD, db_enc, db_dec_enc = sparse_kernels.encoder_grads(
-      x32, p32.W_enc, p32.b_dec, rows, cols, dpre, **dense_aux)
+      x32, p32.W_enc, p32.b_dec, sel.rows, sel.cols, g_pre, **aux_grads)
   grads = sae_params.SAEParams(W_enc=dW_enc_FxD, b_enc=db_enc, W_dec=g_dec[0],
                                b_dec=g_dec[1] + db_dec_enc)
   codes_N = jax.lax.stop_gradient(codes_N)

@@ -233,8 +233,8 @@ class SelectedPreTest(chex.TestCase):
     np.testing.assert_allclose(np.asarray(dW)[:, c], want, rtol=1e-5)
 
   def test_encoder_grads_equal_dense_vjp_with_repeated_entries(self):
-    # encoder_grads takes any cotangent at the triples, repeated pairs included (the
-    # fast step concatenates the main and auxiliary selections): they add up.
+    # encoder_grads takes any cotangent at the triples, repeated pairs included (a main
+    # and an auxiliary selection may share entries): they add up.
     rows, cols, _, x, W_enc, b_enc, _, b_dec = _triples(8)
     rows2, cols2 = jnp.concatenate([rows, rows[:4]]), jnp.concatenate([cols, cols[:4]])
     dpre = jax.random.normal(jax.random.key(1), rows2.shape)
@@ -245,6 +245,33 @@ class SelectedPreTest(chex.TestCase):
     self.assertEqual(dW_FxD.shape, (F, D))
     chex.assert_trees_all_close((dW_FxD.T, db_enc, db_dec), (want_w, want_be, want_bd),
                                 rtol=1e-5, atol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_encoder_grads_more_equals_concatenation(self):
+    # A second list of triples (the auxiliary loss's), overlapping the first, scattered
+    # into the same buffer: the result of one concatenated list.
+    rows, cols, _, x, W_enc, _, _, b_dec = _triples(9)
+    dpre = jax.random.normal(jax.random.key(2), rows.shape)
+    rows2, cols2 = rows[::-1][:7], cols[:7]
+    dpre2 = jax.random.normal(jax.random.key(3), rows2.shape)
+    got = self.variant(lambda *a: kernels.encoder_grads(*a, more=(rows2, cols2, dpre2)))(
+        x, W_enc, b_dec, rows, cols, dpre)
+    want = kernels.encoder_grads(x, W_enc, b_dec, jnp.concatenate([rows, rows2]),
+                                 jnp.concatenate([cols, cols2]), jnp.concatenate([dpre, dpre2]))
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-6)
+    with self.assertRaisesRegex(ValueError, "rows and cols must have the same shape"):
+      kernels.encoder_grads(x, W_enc, b_dec, rows, cols, dpre, more=(rows2, cols2[:3], dpre2))
+
+  def test_encoder_grads_with_bfloat16_inputs_centre_before_rounding(self):
+    # x and b_dec in bfloat16, weights in float32: x - b_dec is formed as the step forms it.
+    rows, cols, _, x, W_enc, _, _, b_dec = _triples(10)
+    dpre = jax.random.normal(jax.random.key(4), rows.shape)
+    xb, bb = x.astype(jnp.bfloat16), b_dec.astype(jnp.bfloat16)
+    dW_FxD, _, _ = kernels.encoder_grads(xb, W_enc, bb, rows, cols, dpre)
+    centred = np.asarray((xb - bb).astype(jnp.float32))
+    want = np.zeros((F, D), np.float32)
+    np.add.at(want, np.asarray(cols), np.asarray(dpre)[:, None] * centred[np.asarray(rows)])
+    np.testing.assert_allclose(np.asarray(dW_FxD), want, rtol=1e-5, atol=1e-6)
 
   def test_check_grads(self):
     rows, cols, _, x, W_enc, b_enc, _, b_dec = _triples(7)
