@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup data test demo bench bench-device clean
+.PHONY: setup setup-parity data test demo bench bench-device clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# Optional: torch (CPU) and transformers for tests/sae_jax/lm_parity_test.py, which skips
+# without them. CI installs them.
+PARITY_STAMP := $(VENV)/.installed-parity
+$(PARITY_STAMP): $(STAMP)
+	$(PIP) install -e ".[parity]"
+	touch $(PARITY_STAMP)
+
+setup-parity: $(PARITY_STAMP)
 
 # Optional real-data corpora from Debian (text for SAEs, Fashion-MNIST for pruning).
 # Installed only when we are root with apt-get; every loader falls back or explains otherwise.

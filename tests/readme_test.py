@@ -7,8 +7,11 @@ import re
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
+
+from tests.sae_jax import lm_test
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -21,8 +24,8 @@ class ReadmeSnippetsTest(absltest.TestCase):
 
   def test_every_python_snippet_runs(self):
     blocks = snippets()
-    self.assertLen(blocks, 3, "a snippet was added or removed: give it a case below")
-    allocation, training, store = blocks
+    self.assertLen(blocks, 4, "a snippet was added or removed: give it a case below")
+    allocation, training, store, language_model = blocks
     cwd = os.getcwd()
     with tempfile.TemporaryDirectory() as tmp:
       os.chdir(tmp)
@@ -49,6 +52,15 @@ class ReadmeSnippetsTest(absltest.TestCase):
         self.assertEqual(ns["out"].recon.shape, (8, 768))
         self.assertEqual(int(ns["state"].step), 4)
         self.assertTrue(pathlib.Path("runs/my_sae").is_dir())
+        # Language models: a random 2-layer GPT-2 written in the Hugging Face format stands
+        # in for path/to/gpt2, so block 8 becomes block 1.
+        lm_test.write_checkpoint("tiny_gpt2", "gpt2")
+        ns = {"jnp": jnp}
+        exec(language_model.replace("path/to/gpt2", "tiny_gpt2").replace(  # pylint: disable=exec-used
+            "blocks.8.", "blocks.1."), ns)
+        self.assertEqual(ns["acts"].shape[-1], lm_test.D)
+        self.assertEqual(ns["spliced"].logits.shape, ns["out"].logits.shape)
+        self.assertFalse(np.allclose(ns["spliced"].logits, ns["out"].logits))
       finally:
         os.chdir(cwd)
 
