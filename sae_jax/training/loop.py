@@ -226,6 +226,15 @@ def _watch_update(watch: _FiniteWatch, step_metrics: dict, step) -> _FiniteWatch
       bad_loss=jnp.where(first, step_metrics["loss"].astype(jnp.float32), watch.bad_loss))
 
 
+def _step_with_watch(step_fn):
+  """``step_fn`` and the non-finite watch's update as one jitted program (one dispatch per
+  step instead of two); the state and the watch are donated."""
+  def run(state, x, watch, step):
+    state, step_metrics = step_fn(state, x)
+    return state, step_metrics, _watch_update(watch, step_metrics, step)
+  return jax.jit(run, donate_argnums=(0, 2))
+
+
 def _check_run_folder(run_dir: pathlib.Path, configs: dict, metrics: runkit.MetricsLog,
                       has_checkpoint: bool) -> None:
   """Refuses a run folder that another configuration wrote (or may have written).
@@ -298,11 +307,11 @@ def fit(run_dir: str | os.PathLike, cfg: model.SAEConfig, tcfg: train_state.Trai
       runkit.write_config(run_dir, configs)
       # Lines logged after the checkpoint resumed from are logged again.
       metrics_log.drop_after(start)
-    step_fn = sharding.jit_sharded_step(cfg, tcfg, mesh, jax.eval_shape(lambda: state))
+    step_fn = _step_with_watch(
+        sharding.jit_sharded_step(cfg, tcfg, mesh, jax.eval_shape(lambda: state)))
     batch_sharding = sharding.batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
     watch = jax.jit(_watch_init, out_shardings=replicated)()
-    watch_update = jax.jit(_watch_update, out_shardings=replicated)
     last_saved = latest
     summary: dict[str, float] = {}
     bar = tqdm(total=rcfg.steps, initial=start, desc="sae",
@@ -316,8 +325,7 @@ def fit(run_dir: str | os.PathLike, cfg: model.SAEConfig, tcfg: train_state.Trai
     t_last, tokens_since = time.perf_counter(), 0
     for step in range(start, rcfg.steps):
       batch = next(prefetcher)
-      state, m = step_fn(state, batch.array)
-      watch = watch_update(watch, m, step)
+      state, m, watch = step_fn(state, batch.array, watch, step)
       tokens_since += batch.rows * jax.process_count()
       done = step + 1
       log_now = done % rcfg.log_every == 0 or done == rcfg.steps
