@@ -30,6 +30,7 @@ RUNS = (  # (module, arguments)
                   str(pathlib.Path(__file__).resolve().parent / "results" / "sae_step_bf16.json")]),
     ("fit_loop", []),
     ("resnet_torch", []),
+    ("lm_forward", []),
 )
 # Benchmarks that must start JAX themselves (8 simulated devices), each in its own process.
 PROCESS_RUNS = (("sharded_step", []),)
@@ -63,6 +64,7 @@ def collect() -> dict:
   alloc, prune = _load("allocation", notes), _load("pruning", notes)
   step, torch = _load("sae_step", notes), _load("resnet_torch", notes)
   fit_loop = _load("fit_loop", notes)
+  lm_fwd = _load("lm_forward", notes)
   sharded = _load("sharded_step", notes)
   step_bf16 = _load("sae_step_bf16", notes)
   env_steps = {suffix: _load(f"sae_step_{suffix}", notes) for suffix in ENV_RUNS}
@@ -100,6 +102,8 @@ def collect() -> dict:
       "fit_vs_bare_step": fit_loop.get("fit_vs_bare_step"),
       "fit_vs_bare_step_small": fit_loop.get("fit_vs_bare_step_small"),
       "resnet20_jax_vs_torch": torch.get("resnet20_jax_vs_torch"),
+      "gpt2_forward_jax_vs_torch": lm_fwd.get("gpt2_forward_jax_vs_torch"),
+      "gpt2_harvest_jax_vs_torch": lm_fwd.get("gpt2_harvest_jax_vs_torch"),
       # The larger model's figure is the one a training step pays (LeNet steps are ~1 ms).
       "dnr_overhead": dnr.get("resnet20") if isinstance(dnr, dict) else dnr,
       "ap_overhead": prune.get("ap_overhead"),
@@ -135,6 +139,10 @@ def collect() -> dict:
                                       "(sae_step_bf16.json)",
           "bf16_step_peak_mem_vs_state": "its peak bytes / bytes of bfloat16 params + float32 "
                                          "Adam state + batch",
+          "gpt2_forward_jax_vs_torch": "GPT-2-small forward to the logits, sae_jax.lm tokens/s / "
+                                       "Hugging Face transformers (PyTorch CPU) tokens/s, "
+                                       "same random weights, batch 8 x 128 (lm_forward.json)",
+          "gpt2_harvest_jax_vs_torch": "the same, stopping at blocks.8.hook_resid_pre",
           "dnr_overhead": "ResNet-20 train step with DNR / without, minus 1 (pruning.json)",
           "ap_overhead": "AP selection / one reference training cycle (pruning.json)",
       },
