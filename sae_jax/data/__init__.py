@@ -1,9 +1,11 @@
-"""Activation sources for SAE training: real text through MiniLM, stores, synthetic data."""
+"""Activation sources for SAE training: real text through MiniLM or a causal LM (GPT-2,
+GPT-NeoX / Pythia, :mod:`~sae_jax.data.lm_harvest`), stores, synthetic data."""
 
 from sae_jax.data import batches
 from sae_jax.data import bert
 from sae_jax.data import corpus
 from sae_jax.data import harvest
+from sae_jax.data import lm_harvest
 from sae_jax.data import minilm
 from sae_jax.data import store
 from sae_jax.data import synthbench

@@ -3,6 +3,8 @@
 * :mod:`~sae_jax.evaluation.evaluate`: FVU (textbook, per-token, about zero), L0 and its
   distribution, dead and underused features on held-out batches (:func:`evaluate_sae`),
   and fidelity with the reconstruction spliced into MiniLM (:func:`fidelity`);
+* :mod:`~sae_jax.evaluation.lm_fidelity`: CE loss recovered and KL with the reconstruction
+  spliced into GPT-2 / GPT-NeoX (``lm_fidelity.lm_fidelity``);
 * :mod:`~sae_jax.evaluation.probing`: k-sparse probing of codes (:func:`k_sparse_probe`);
 * :mod:`~sae_jax.evaluation.recovery`: recovery of known features (MCC, precision,
   recall, F1) on the synthetic benchmark;
@@ -10,6 +12,7 @@
 * :mod:`~sae_jax.evaluation.plots` (needs matplotlib): the plots of the experiments.
 """
 
+from sae_jax.evaluation import lm_fidelity
 from sae_jax.evaluation.evaluate import Normalization
 from sae_jax.evaluation.evaluate import evaluate_sae
 from sae_jax.evaluation.evaluate import fidelity

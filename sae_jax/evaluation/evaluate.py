@@ -179,7 +179,7 @@ def _histogram_quantiles(hist: np.ndarray, percents) -> list[float]:
   return out
 
 
-def _pooled_sum_sq(centred_sums: list[float], column_sums: np.ndarray, sizes: np.ndarray,
+def pooled_sum_sq(centred_sums: list[float], column_sums: np.ndarray, sizes: np.ndarray,
                    reference: np.ndarray) -> float:
   """``sum_i |v_i - reference|^2`` over all rows from per-batch sums, in float64.
 
@@ -202,9 +202,9 @@ def _summary(parts: list[BatchStatistics], sizes: list[int], dataset_mean, curve
   eval_mean = x_sums.sum(0) / n
   reference = eval_mean if dataset_mean is None else dataset_mean
   within = [float(p.centred_sum_sq) for p in parts]
-  total = _pooled_sum_sq(within, x_sums, sizes_B, reference)
-  eval_total = _pooled_sum_sq(within, x_sums, sizes_B, eval_mean)
-  residual_total = _pooled_sum_sq([float(p.residual_centred_sum_sq) for p in parts], r_sums,
+  total = pooled_sum_sq(within, x_sums, sizes_B, reference)
+  eval_total = pooled_sum_sq(within, x_sums, sizes_B, eval_mean)
+  residual_total = pooled_sum_sq([float(p.residual_centred_sum_sq) for p in parts], r_sums,
                                   sizes_B, r_sums.sum(0) / n)
   squared_error = sum(float(p.squared_error) for p in parts)
   fvu = _ratio(squared_error, total)
@@ -246,7 +246,12 @@ def _check_int(name: str, value, low: int, high: float = math.inf) -> None:
     raise ValueError(f"{name} must be an int in [{low}, {high}]; got {value!r}.")
 
 
-def _check_threshold(threshold, f: int) -> jax.Array | None:
+def check_threshold(threshold, f: int) -> jax.Array | None:
+  """A calibrated threshold (scalar or ``[f]``) as a float32 array, None passed through.
+
+  Raises:
+    ValueError: on another shape or a NaN.
+  """
   if threshold is None:
     return None
   theta = np.asarray(threshold, np.float32)
@@ -324,7 +329,7 @@ def evaluate_sae(params: SAEParams, cfg: model.SAEConfig, batches: Iterable[Arra
     raise ValueError(f"dataset_mean must have shape [d_model={cfg.d_model}]; got "
                      f"{dataset_mean.shape}.")
   variants = {"": None} | ({} if threshold is None else
-                           {"threshold_": _check_threshold(threshold, cfg.d_sae)})
+                           {"threshold_": check_threshold(threshold, cfg.d_sae)})
   parts, sizes, it = {prefix: [] for prefix in variants}, [], iter(batches)
   for i in range(num_batches):
     x = next(it, None)
@@ -428,7 +433,7 @@ def fidelity(sae_params: SAEParams, cfg: model.SAEConfig, bert_params: Mapping[s
   _check_int("batch_size", batch_size, 1)
   norm = as_normalization(normalization, d) or Normalization(np.zeros(d, np.float32),
                                                              np.ones((), np.float32))
-  theta = _check_threshold(threshold, cfg.d_sae)
+  theta = check_threshold(threshold, cfg.d_sae)
   if not np.any(mask):
     raise ValueError("mask holds no real token; nothing to evaluate.")
   batch_size = min(batch_size, len(ids))
