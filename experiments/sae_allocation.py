@@ -4,7 +4,7 @@ Run:
   python -m experiments.sae_allocation --preset cpu --out runs/sae_allocation
   python -m experiments.sae_allocation --preset cpu-long --out runs/sae_cpu_long  # resumes
   python experiments/sae_allocation.py --preset cpu --out runs/sae_allocation
-  python -m experiments.sae_allocation --preset paper --store PATH --out DIR   # GPU/TPU
+  python -m experiments.sae_allocation --preset paper --model-dir GPT2_DIR --out DIR  # GPU/TPU
 
 Sources (``--sources``): ``minilm`` harvests the residual stream after block ``layer`` of
 all-MiniLM-L6-v2 (pure JAX, real weights) on the default text corpora into an activation
@@ -30,9 +30,11 @@ main table at k=16 plus a k sweep); ``cpu-long`` trains TopK, MC, FC and FC-Zipf
 no aux loss, aux_k and aux_zipf, at k in {16, 8, 32} (in that order), then the k sweep
 {4, 64} without aux loss, on the synthetic ``cpu`` benchmark and on 2M MiniLM tokens,
 seeds 0-2, 4000 steps x 512 tokens per run: many hours on 2 cores, so it is meant to be
-rerun until done; ``paper`` is the GPT-2-small-scale setting of the paper (d=768
-activations from ``--store``, 32768 features, k=32, batch 4096) for GPU/TPU; ``smoke`` is
-a seconds-long end-to-end check.
+rerun until done; ``paper`` is the GPT-2-small setting of the paper (the layer-8 residual
+stream, ``blocks.8.hook_resid_pre``, of the model in ``--model-dir``, harvested from the
+corpora in 128-token contexts, or read from ``--store``; 32768 features, k=32, batch 4096)
+for GPU/TPU; ``smoke`` is a seconds-long end-to-end check. ``--sources lm --model-dir DIR``
+runs any preset on a local GPT-2 or GPT-NeoX / Pythia model.
 """
 
 from __future__ import annotations
@@ -98,9 +100,10 @@ PRESETS = {
                     batch_size=128, steps=6, dead_after_tokens=256, eval_batches=2,
                     synthbench="smoke", synth_tokens=2048, synth_eval_tokens=256,
                     probe_windows=4),
-    "paper": Preset(layer=3, window=128, harvest_tokens=200_000_000, eval_windows=512,
+    "paper": Preset(layer=8, window=128, harvest_tokens=200_000_000, eval_windows=512,
                     expansion=0, k=32, k_sweep=(16, 64), batch_size=4096, steps=50_000,
-                    learning_rate=4e-4, dead_after_tokens=10_000_000, eval_batches=64),
+                    learning_rate=4e-4, dead_after_tokens=10_000_000, eval_batches=64,
+                    sources=("lm",)),
 }
 PRESETS["cpu-long"] = Preset(
     harvest_tokens=2_000_000, eval_windows=96, expansion=4, k=16, k_values=(16, 8, 32),
@@ -255,6 +258,7 @@ def train_and_evaluate(args, preset: Preset, source: sources_lib.Source, name: s
                           threshold=(np.asarray(state.threshold)
                                      if cfg.allocation in CALIBRATED else None),
                           normalization={"mean": 0.0, "scale": 1.0 / source.scale},
+                          **(source.export_names or {}),
                           **({} if source.layer is not None
                              else {"source": f"synthbench:{preset.synthbench}"}))
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,6 +273,10 @@ def main(argv=None) -> dict:
   parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
   parser.add_argument("--out", required=True, help="run folder for results, plots, SAEs")
   parser.add_argument("--store", help="an existing activation store (bring your own)")
+  parser.add_argument("--model-dir", help="local Hugging Face GPT-2 / GPT-NeoX folder for the "
+                                          "lm source (config.json, safetensors, tokenizer.json)")
+  parser.add_argument("--hook", help="TransformerLens hook of the lm source (default: "
+                                     "blocks.<preset layer>.hook_resid_pre)")
   parser.add_argument("--text", nargs="*", help="text files/folders instead of the default corpora")
   parser.add_argument("--cache", default=os.path.join("runs", "activation_cache"),
                       help="where harvested and synthetic stores are kept between runs")
@@ -289,8 +297,16 @@ def main(argv=None) -> dict:
                "sources": tuple(args.sources) if args.sources else None,
                "seeds": tuple(args.seeds) if args.seeds else None}
   preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
-  if args.store and "minilm" not in preset.sources:
-    parser.error("--store replaces the MiniLM harvest; add minilm to --sources or drop --store.")
+  if args.store and not {"minilm", "lm"} & set(preset.sources):
+    parser.error("--store replaces the MiniLM or LM harvest; add minilm or lm to --sources or "
+                 "drop --store.")
+  if args.store and {"minilm", "lm"} <= set(preset.sources):
+    parser.error("--store would replace both the MiniLM and the LM harvest; run one of them.")
+  if "lm" in preset.sources and not args.model_dir:
+    parser.error("the lm source needs --model-dir (a local GPT-2 or GPT-NeoX folder); "
+                 "add it or choose other --sources.")
+  if (args.model_dir or args.hook) and "lm" not in preset.sources:
+    parser.error("--model-dir and --hook belong to the lm source; add lm to --sources.")
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   if args.rows_from:

@@ -2,7 +2,9 @@
 
 Each source is training batches plus a held-out set and what that set can be scored
 against: MiniLM's residual stream (a harvested store, held-out documents, splicing into
-the LM, corpus labels for k-sparse probing) or the synthetic benchmark (known features).
+the LM, corpus labels for k-sparse probing), a causal LM's (GPT-2 / Pythia from
+``--model-dir``: harvested store, held-out documents, CE loss recovered with the SAE
+spliced in) or the synthetic benchmark (known features).
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ import numpy as np
 
 from sae_jax.data import batches as batches_lib
 from sae_jax.data import corpus
+from sae_jax import lm
 from sae_jax.data import harvest
+from sae_jax.data import lm_harvest
 from sae_jax.data import minilm
 from sae_jax.data import store as store_lib
 from sae_jax.data import synthbench
 from sae_jax.evaluation import evaluate
+from sae_jax.evaluation import lm_fidelity
 from sae_jax.evaluation import probing
 
 if TYPE_CHECKING:  # the preset type only; sae_allocation imports this module
@@ -183,6 +188,8 @@ class Source:
       probing (which corpus a token came from), or None.
     probe_raw: k-sparse probing accuracy of the raw activations, by k.
     description: one line for the report.
+    export_names: SAELens names of the exported SAEs (``model_name``, ``hook_name``,
+      ``prepend_bos``) where they are not MiniLM's defaults.
   """
 
   name: str
@@ -203,6 +210,7 @@ class Source:
   probe_labels: np.ndarray | None = None
   probe_raw: dict | None = None
   description: str = ""
+  export_names: dict | None = None
 
 
 def minilm_source(args, preset: Preset) -> Source:
@@ -281,7 +289,96 @@ def synthbench_source(args, preset: Preset) -> Source:
                              f"{float(bench.mean_max_cos):.3f}; {tokens}"))
 
 
-SOURCES = {"minilm": minilm_source, "synthbench": synthbench_source}
+# Positions dropped at the start of every causal-LM context (the attention sink).
+LM_SKIP_FIRST = 1
+
+
+def lm_windows(tokenizer, texts, context: int, separator: int | None):
+  """``(ids, mask)`` chunks of full ``context``-token windows packed from documents.
+
+  Each document's tokens, then ``separator`` (the end-of-text id) when there is one,
+  form one stream cut into windows without padding (as GPT-2 and Pythia were trained).
+  """
+  def tokens():
+    for text in texts:
+      ids = tokenizer.encode(text).ids
+      if ids:
+        yield np.asarray(ids + ([] if separator is None else [separator]), np.int32)
+
+  for ids in lm_harvest.pack_tokens(tokens(), context):
+    yield ids, np.ones_like(ids)
+
+
+def lm_source(args, preset: Preset) -> Source:
+  """A causal LM's activations at ``--hook`` (GPT-2 / GPT-NeoX from ``--model-dir``).
+
+  Harvests the preset's corpora into a cached store (or reads ``--store``), evaluates on
+  held-out documents, and splices reconstructions back into the model: the ``fidelity``
+  columns are the next-token CE loss recovered against zero ablation, with the mean
+  ablation, KL and the raw CE values beside them (`sae_jax.evaluation.lm_fidelity`).
+  """
+  if not args.model_dir:
+    raise ValueError("the lm source needs --model-dir (a local Hugging Face GPT-2 or "
+                     "GPT-NeoX folder with config.json, safetensors weights, tokenizer.json).")
+  lm_cfg, lm_params = lm.load_model(args.model_dir)
+  tokenizer = lm.load_tokenizer(args.model_dir)
+  hook = args.hook or f"blocks.{preset.layer}.hook_resid_pre"
+  layer = lm_harvest.hook_layer(lm_cfg, hook)
+  separator = lm_harvest.eos_id(tokenizer)
+  specs = corpus_specs(args.text)
+  acts = lm_harvest.activation_fn(lm_params, lm_cfg, hook)
+  model_name = pathlib.Path(args.model_dir).resolve().name
+  if args.store:
+    reader = store_lib.StoreReader(args.store)
+  else:
+    name = f"lm_{model_name}_{hook}_w{preset.window}_{preset.harvest_tokens}"
+    reader = harvest.harvest(
+        acts, lm_windows(tokenizer, balanced_documents(specs, held_out=False), preset.window,
+                         separator),
+        pathlib.Path(args.cache) / name, model_name=model_name, layer=layer, hook=hook,
+        max_tokens=preset.harvest_tokens, batch_size=8,
+        keep_fn=lm_harvest.skip_first_keep(LM_SKIP_FIRST), progress=not args.quiet,
+        meta={"corpora": [list(s.sources) for s in specs], "window": preset.window,
+              "skip_first": LM_SKIP_FIRST})
+  if reader.d != lm_cfg.hidden_size:
+    raise ValueError(f"the store {reader.path} holds d={reader.d} activations but "
+                     f"{args.model_dir} has d={lm_cfg.hidden_size}: pass the store harvested "
+                     f"from this model or drop --store.")
+  eval_ids = []
+  for ids, _ in lm_windows(tokenizer, balanced_documents(specs, held_out=True), preset.window,
+                           separator):
+    eval_ids.append(ids)
+    if sum(len(x) for x in eval_ids) >= preset.eval_windows:
+      break
+  if not eval_ids:
+    raise ValueError(f"the held-out documents give no full {preset.window}-token window; "
+                     f"pass more text (--text) or a shorter window.")
+  eval_ids = np.concatenate(eval_ids)[:preset.eval_windows]
+  eval_x = np.concatenate([
+      np.asarray(acts(eval_ids[i:i + 8], None))[:, LM_SKIP_FIRST:].reshape(-1, reader.d)
+      for i in range(0, len(eval_ids), 8)])
+  d_sae = PAPER_D_SAE if preset.expansion == 0 else int(preset.expansion * reader.d)
+  scale = float(np.sqrt(reader.d) / reader.stats.norm_mean)
+
+  def fidelity(state, cfg, theta):
+    out = lm_fidelity.lm_fidelity(
+        state.params, cfg, lm_params, lm_cfg, eval_ids, hook, threshold=theta,
+        normalization={"mean": 0.0, "scale": 1.0 / scale}, skip_first=LM_SKIP_FIRST,
+        mean_activation=reader.stats.mean)
+    # The report's fidelity column: CE loss recovered against zero ablation.
+    return {**out, "fidelity_recovered": out["ce_recovered_zero"]}
+
+  corpora = ", ".join("+".join(s.sources) for s in specs)
+  return Source("lm", *_store_fields(reader), scale, eval_x, d_sae, layer=layer,
+                context_size=preset.window, fidelity=fidelity,
+                description=(f"{model_name} {hook} ({corpora}), {reader.count} harvested "
+                             f"tokens, d={reader.d}; fidelity = next-token CE loss recovered "
+                             f"against zero ablation"),
+                export_names={"model_name": model_name, "hook_name": hook,
+                              "prepend_bos": False})
+
+
+SOURCES = {"minilm": minilm_source, "lm": lm_source, "synthbench": synthbench_source}
 
 
 def probe_accuracy(features: np.ndarray, labels: np.ndarray) -> dict[int, float]:

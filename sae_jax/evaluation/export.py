@@ -50,6 +50,7 @@ import importlib
 import json
 import os
 import pathlib
+import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -162,9 +163,13 @@ def _lm_record(layer: int | None, context_size: int | None, model_name: str | No
     model_name = MINILM if model_name is None else model_name
     hook_name = hook_name_for_layer(layer) if hook_name is None else hook_name
     prepend_bos = True if prepend_bos is None else prepend_bos
+  hook_layer = None if layer is None else max(int(layer) - 1, 0)
+  named = None if hook_name is None else re.match(r"blocks\.(\d+)\.", str(hook_name))
+  if layer is not None and named:  # a TransformerLens block hook names its own block
+    hook_layer = int(named.group(1))
   return {"model_name": None if model_name is None else str(model_name),
           "hook_name": None if hook_name is None else str(hook_name),
-          "hook_layer": None if layer is None else max(int(layer) - 1, 0),
+          "hook_layer": hook_layer,
           "context_size": None if context_size is None else int(context_size),
           "prepend_bos": prepend_bos}
 
@@ -190,7 +195,8 @@ def export_saelens(path: str | os.PathLike, params: SAEParams, cfg: model.SAECon
     path: output folder (created if missing; the two files are replaced).
     params, cfg: the SAE.
     layer: ``hidden_states`` index the SAE reads (0 = embeddings); sets ``hook_name`` and
-      ``hook_layer`` (the TransformerLens block index, ``max(layer - 1, 0)``). None (no
+      ``hook_layer`` (the TransformerLens block index: ``l`` of a given
+      ``blocks.{l}.*`` ``hook_name``, else ``max(layer - 1, 0)``). None (no
       LM layer): ``hook_layer`` null, and ``hook_name`` / ``model_name`` / ``prepend_bos``
       null unless given.
     context_size: tokens per window the activations came from; None writes null.

@@ -10,6 +10,7 @@ from absl.testing import absltest
 
 from experiments import sae_allocation
 from experiments import sae_report
+from tests.sae_jax import lm_test
 
 REQUIRED = ("strategy", "aux_loss", "k", "seed", "source", "l0_mean", "fvu", "nmse",
             "dead_fraction", "underutilised_fraction", "curve")
@@ -100,6 +101,41 @@ class SaeAllocationSmokeTest(absltest.TestCase):
       self.assertEqual(sae_allocation.import_rows(earlier, out, preset), 1)
       self.assertEqual(sae_allocation.import_rows(earlier, out, preset), 0)  # kept, not rewritten
       self.assertTrue((out / "rows" / "synthbench" / "topk-none-k8.json").exists())
+
+  def test_lm_source_from_a_model_folder(self):
+    # A random 2-layer GPT-2 in the Hugging Face format stands in for GPT-2-small.
+    with tempfile.TemporaryDirectory() as tmp:
+      model_dir = pathlib.Path(tmp) / "tiny_gpt2"
+      lm_test.write_checkpoint(model_dir, "gpt2", config_overrides={"n_positions": 64})
+      out = pathlib.Path(tmp) / "out"
+      result = sae_allocation.main(
+          ["--preset", "smoke", "--sources", "lm", "--model-dir", str(model_dir), "--hook",
+           "blocks.1.hook_resid_pre", "--out", str(out), "--cache",
+           str(pathlib.Path(tmp) / "cache"), "--quiet", "--only", "topk-none-k8",
+           "mutual_choice-none-k8"])
+      self.assertEqual(result["store_tokens"], 4000)
+      for row in result["runs"]:
+        self.assertEqual(row["source"], "lm")
+        for key in ("ce_clean", "ce_spliced", "ce_recovered_zero", "ce_recovered_mean",
+                    "kl_spliced", "fidelity_recovered"):
+          self.assertIn(key, row)
+        self.assertEqual(row["fidelity_recovered"], row["ce_recovered_zero"])
+        self.assertGreaterEqual(row["kl_spliced"], 0.0)
+      cfg = json.loads((out / "saes" / "topk-none-k8" / "cfg.json").read_text())
+      self.assertEqual((cfg["model_name"], cfg["hook_name"], cfg["hook_layer"]),
+                       ("tiny_gpt2", "blocks.1.hook_resid_pre", 1))
+      self.assertEqual(cfg["context_size"], 64)
+      self.assertFalse(cfg["prepend_bos"])
+
+  def test_lm_source_needs_a_model_folder(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      proc = subprocess.run(
+          [sys.executable, "-m", "experiments.sae_allocation", "--preset", "smoke",
+           "--sources", "lm", "--out", str(pathlib.Path(tmp) / "out"), "--quiet"],
+          capture_output=True, text=True, cwd=pathlib.Path(__file__).resolve().parents[2])
+    self.assertNotEqual(proc.returncode, 0)
+    self.assertNotIn("Traceback", proc.stderr)
+    self.assertIn("needs --model-dir", proc.stderr.strip().splitlines()[-1])
 
   def test_command_line_reports_a_bad_store_in_one_line(self):
     with tempfile.TemporaryDirectory() as tmp:

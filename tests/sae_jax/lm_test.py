@@ -78,7 +78,7 @@ def _hf_state_dict(config, seed=0):
   if config["model_type"] == "gpt2":
     d, layers = config["n_embd"], config["n_layer"]
     i = config["n_inner"] or 4 * d
-    shapes = {"transformer.wte.weight": (VOCAB, d), "transformer.wpe.weight": (POSITIONS, d),
+    shapes = {"transformer.wte.weight": (VOCAB, d), "transformer.wpe.weight": (config["n_positions"], d),
               "transformer.ln_f.weight": (d,), "transformer.ln_f.bias": (d,)}
     block = {"ln_1.weight": (d,), "ln_1.bias": (d,), "attn.c_attn.weight": (d, 3 * d),
              "attn.c_attn.bias": (3 * d,), "attn.c_proj.weight": (d, d), "attn.c_proj.bias": (d,),
@@ -120,15 +120,16 @@ def _write_tokenizer(path):
   tokenizer.save(str(path))
 
 
-def write_checkpoint(folder, variant, *, seed=0, shards=None):
+def write_checkpoint(folder, variant, *, seed=0, shards=None, config_overrides=None):
   """Writes config.json, the weights and tokenizer.json in the Hugging Face folder format.
 
   Args:
     shards: None writes model.safetensors; an int writes that many
       model-0000i-of-0000n.safetensors shards and model.safetensors.index.json.
+    config_overrides: config.json entries replacing the variant's (e.g. n_positions).
   """
   base, overrides = VARIANTS[variant]
-  config = {**base, **overrides}
+  config = {**base, **overrides, **(config_overrides or {})}
   folder = pathlib.Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   (folder / "config.json").write_text(json.dumps(config, indent=2))
