@@ -156,9 +156,9 @@ def _check_images(images) -> tuple[int, int, int, int]:
 
 def _check_stats(c: int, mean, std) -> None:
   for name, value in (("mean", mean), ("std", std)):
-    if jnp.shape(value) != (c,):
+    if np.shape(value) != (c,):
       raise ValueError(f"{name} must have shape ({c},), one value per channel; got "
-                       f"{jnp.shape(value)}.")
+                       f"{np.shape(value)}.")
 
 
 def normalize(images: UInt8[Array, "b h w c"], mean: Float[Array, "c"],
