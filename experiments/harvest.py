@@ -26,6 +26,7 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository importable
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import runkit
 from sae_jax.data import lm_harvest
 from sae_jax.data import store as store_lib
 
@@ -60,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
                       help="model parameter and activation dtype")
   parser.add_argument("--store-dtype", choices=list(store_lib.DTYPES), default="float32",
                       help="storage dtype of the rows")
+  parser.add_argument("--devices", type=int, default=1,
+                      help="devices to split each batch over ('data' axis; default 1, the "
+                           "default device; 0 = every device JAX sees)")
+  parser.add_argument("--model-parallel", type=int, default=1,
+                      help="devices to split heads and MLP width over ('model' axis, for "
+                           "models too large for one device; default 1)")
   parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
   return parser
 
@@ -69,11 +76,17 @@ def main(argv: list[str] | None = None) -> store_lib.StoreReader:
   parser = _parser()
   args = parser.parse_args(argv)
   try:
+    mesh = None
+    if args.devices != 1 or args.model_parallel != 1:
+      if args.devices < 0:
+        raise ValueError(f"--devices must be >= 0 (0 = every device); got {args.devices}.")
+      mesh = runkit.make_mesh({"data": args.devices or None, "model": args.model_parallel},
+                              labels={"data": "--devices", "model": "--model-parallel"})
     reader = lm_harvest.harvest_lm(
         args.model_dir, args.hook, args.out, text=args.text, token_ids=args.token_ids,
         context=args.context, skip_first=args.skip_first, batch_size=args.batch_size,
         max_tokens=args.max_tokens, model_dtype=args.dtype, store_dtype=args.store_dtype,
-        progress=not args.quiet)
+        progress=not args.quiet, mesh=mesh)
   except (ValueError, FileNotFoundError, ImportError, OSError) as err:
     parser.exit(2, f"harvest: error: {' '.join(str(err).split())}\n")
   except KeyboardInterrupt:

@@ -36,6 +36,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int
 
 from sae_jax import lm
@@ -249,19 +251,47 @@ def _hook_activations(params: Mapping[str, Any], ids: Int[Array, "n t"], cfg: An
   return out.activations[hook].astype(jnp.float32)
 
 
-def activation_fn(params: Mapping[str, Any], cfg: lm.models.LMConfig,
-                  hook: str) -> harvest_lib.ActivationFn:
+def place_on_mesh(params: Mapping[str, Any], cfg: lm.models.LMConfig,
+                  mesh: jax.sharding.Mesh) -> Mapping[str, Any]:
+  """The parameters on ``mesh``: heads and MLP width over its "model" axis when it has one
+  of size > 1 (``sae_jax.lm.param_partition_specs``), replicated otherwise."""
+  n_model = dict(mesh.shape).get("model", 1)
+  if n_model > 1:
+    specs = lm.param_partition_specs(params, cfg, axis_size=n_model)
+  else:
+    specs = jax.tree.map(lambda _: P(), params)
+  return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
+
+
+def activation_fn(params: Mapping[str, Any], cfg: lm.models.LMConfig, hook: str, *,
+                  mesh: jax.sharding.Mesh | None = None) -> harvest_lib.ActivationFn:
   """``(ids [n, t], mask) -> [n, t, d]`` float32 activations at ``hook``, jitted.
 
   The forward pass stops after the block that computes the hook (``return_logits=False``);
   the parameters are an argument of the jitted function, not constants folded into it.
-  The mask is ignored: a causal model needs no padding mask for full windows.
+  The mask is ignored: a causal model needs no padding mask for full windows. With a
+  ``mesh`` ("data" and optionally "model" axes, e.g. ``runkit.make_mesh({"data": None})``)
+  the windows are split over "data" (``n`` must be divisible by its size) and the
+  parameters placed by :func:`place_on_mesh`.
   """
   hook_layer(cfg, hook)
+  batch = None
+  if mesh is not None:
+    if "data" not in mesh.shape:
+      raise ValueError(f"mesh must have a 'data' axis; got axes {tuple(mesh.shape)}.")
+    params = place_on_mesh(params, cfg, mesh)
+    batch = NamedSharding(mesh, P("data"))
 
   def fn(ids, mask):
     del mask
-    return _hook_activations(params, jnp.asarray(ids, jnp.int32), cfg=cfg, hook=hook)
+    if batch is None:
+      ids = jnp.asarray(ids, jnp.int32)
+    else:
+      if len(ids) % mesh.shape["data"]:
+        raise ValueError(f"the batch of {len(ids)} windows must be divisible by the mesh's "
+                         f"'data' axis ({mesh.shape['data']}); pick a batch size that is.")
+      ids = jax.device_put(np.asarray(ids, np.int32), batch)
+    return _hook_activations(params, ids, cfg=cfg, hook=hook)
 
   return fn
 
@@ -307,7 +337,8 @@ def harvest_lm(model_dir: str | os.PathLike, hook: str, store_path: str | os.Pat
                skip_first: int = 1, batch_size: int = 8, max_tokens: int | None = None,
                model_dtype: str = "float32", store_dtype: str = "float32",
                shard_rows: int = store_lib.DEFAULT_SHARD_ROWS,
-               progress: bool = True) -> store_lib.StoreReader:
+               progress: bool = True,
+               mesh: jax.sharding.Mesh | None = None) -> store_lib.StoreReader:
   """Harvests a causal LM's activations at ``hook`` into an activation store; resumable.
 
   Exactly one source: ``text`` (files, tokenized and packed, see the module docstring) or
@@ -330,6 +361,9 @@ def harvest_lm(model_dir: str | os.PathLike, hook: str, store_path: str | os.Pat
     store_dtype: storage dtype, a key of ``store.DTYPES``.
     shard_rows: rows per store shard.
     progress: show a progress bar.
+    mesh: devices to run on (see :func:`activation_fn`); None: the default device. The
+      rows are the same up to float32 rounding on any mesh; resume on the mesh the
+      harvest started on for a byte-identical store.
 
   Returns:
     A reader on the finished store.
@@ -399,8 +433,11 @@ def harvest_lm(model_dir: str | os.PathLike, hook: str, store_path: str | os.Pat
     windows = text_windows(tokenizer, text, context, separator=separator,
                            vocab_size=cfg.vocab_size)
   _, params = lm.load_model(folder, dtype=MODEL_DTYPES[model_dtype])
+  if mesh is not None and batch_size % mesh.shape["data"]:
+    raise ValueError(f"batch_size={batch_size} must be divisible by the mesh's 'data' axis "
+                     f"({mesh.shape['data']}).")
   return harvest_lib.harvest(
-      activation_fn(params, cfg, hook), windows, store_path, model_name=settings["model_dir"],
+      activation_fn(params, cfg, hook, mesh=mesh), windows, store_path, model_name=settings["model_dir"],
       layer=layer, hook=hook, max_tokens=max_tokens, batch_size=batch_size,
       keep_fn=skip_first_keep(skip_first), dtype=store_dtype, shard_rows=shard_rows,
       meta=settings, progress=progress)

@@ -69,6 +69,17 @@ class HarvestCommandTest(parameterized.TestCase):
     self.assertEqual((status, out), (0, ""))
     self.assertEqual(_files(store), before)
 
+  def test_token_ids_harvest_over_every_device(self):
+    status, _, err = self._run("--model-dir", self.model, "--hook", HOOK, "--out",
+                               self.root / "mesh_store", "--token-ids", self.root / "ids.npy",
+                               "--devices", 0, "--batch-size", 8, "--quiet")
+    self.assertEqual(status, 0, err)
+    status, _, err = self._run("--model-dir", self.model, "--hook", HOOK, "--out",
+                               self.root / "bad_mesh", "--token-ids", self.root / "ids.npy",
+                               "--devices", 3, "--batch-size", 8, "--quiet")
+    self.assertEqual(status, 2)
+    self.assertIn("batch_size=8 must be divisible by the mesh's 'data' axis (3)", err)
+
   def test_token_ids_harvest(self):
     status, _, err = self._run("--model-dir", self.model, "--hook", HOOK, "--out",
                                self.root / "ids_store", "--token-ids", self.root / "ids.npy",

@@ -15,6 +15,7 @@ import pytest
 from absl.testing import absltest
 from absl.testing import parameterized
 
+import runkit
 from sae_jax import lm
 from sae_jax.data import harvest
 from sae_jax.data import lm_harvest
@@ -119,6 +120,21 @@ class HarvestLMTest(parameterized.TestCase):
     np.testing.assert_allclose(reader.read(0, 12), _hook_acts(ids)[:, 1:].reshape(-1, 32)[:12],
                                atol=1e-5)
 
+  @parameterized.parameters(({"data": 4}, 4), ({"data": 2, "model": 2}, 6))
+  def test_rows_on_a_mesh_equal_one_device(self, axes, batch_size):
+    ids = np.random.default_rng(1).integers(0, 64, size=(12, 6)).astype(np.int64)
+    np.save(self.root / "ids.npy", ids)
+    mesh = runkit.make_mesh(axes)
+    reader = lm_harvest.harvest_lm(_model()[0], HOOK, self.root / "mesh_store",
+                                   token_ids=self.root / "ids.npy", batch_size=batch_size,
+                                   progress=False, mesh=mesh)
+    np.testing.assert_allclose(reader.read(0, reader.count),
+                               _hook_acts(ids)[:, 1:].reshape(-1, 32), atol=1e-5)
+    with self.assertRaisesRegex(ValueError, "must be divisible by the mesh's 'data' axis"):
+      lm_harvest.harvest_lm(_model()[0], HOOK, self.root / "other", token_ids=self.root /
+                            "ids.npy", batch_size=3, progress=False,
+                            mesh=runkit.make_mesh({"data": 2}))
+
   def test_bfloat16_model_and_float16_store(self):
     ids = np.random.default_rng(1).integers(0, 64, size=(2, 5))
     np.save(self.root / "ids.npy", ids)
@@ -138,16 +154,16 @@ class HarvestLMTest(parameterized.TestCase):
     real = lm_harvest.activation_fn
     calls = []
 
-    def counting(*args):
-      fn = real(*args)
+    def counting(*args, **kw):
+      fn = real(*args, **kw)
       return lambda ids, mask: calls.append(1) or fn(ids, mask)
 
     with mock.patch.object(lm_harvest, "activation_fn", counting):
       lm_harvest.harvest_lm(_model()[0], HOOK, whole, **kwargs)
     whole_calls, calls[:] = len(calls), []
 
-    def failing(*args):
-      fn, calls = real(*args), []
+    def failing(*args, **kw):
+      fn, calls = real(*args, **kw), []
 
       def run(ids, mask):
         if len(calls) == fail_after:
