@@ -92,6 +92,7 @@ class Preset:
   synth_eval_tokens: int = 4096
   synth_width: float = 0.25
   probe_windows: int = 32
+  lm_stream: bool = False
 
 
 PRESETS = {
@@ -103,7 +104,7 @@ PRESETS = {
     "paper": Preset(layer=8, window=128, harvest_tokens=200_000_000, eval_windows=512,
                     expansion=0, k=32, k_sweep=(16, 64), batch_size=4096, steps=50_000,
                     learning_rate=4e-4, dead_after_tokens=10_000_000, eval_batches=64,
-                    sources=("lm",)),
+                    sources=("lm",), lm_stream=True),
 }
 PRESETS["cpu-long"] = Preset(
     harvest_tokens=2_000_000, eval_windows=96, expansion=4, k=16, k_values=(16, 8, 32),
@@ -277,6 +278,9 @@ def main(argv=None) -> dict:
                                           "lm source (config.json, safetensors, tokenizer.json)")
   parser.add_argument("--hook", help="TransformerLens hook of the lm source (default: "
                                      "blocks.<preset layer>.hook_resid_pre)")
+  parser.add_argument("--stream", action="store_true",
+                      help="lm source: train straight from the model, no activation store "
+                           "(the paper preset always does: 200M tokens would take 600 GB)")
   parser.add_argument("--text", nargs="*", help="text files/folders instead of the default corpora")
   parser.add_argument("--cache", default=os.path.join("runs", "activation_cache"),
                       help="where harvested and synthetic stores are kept between runs")
@@ -305,8 +309,9 @@ def main(argv=None) -> dict:
   if "lm" in preset.sources and not args.model_dir:
     parser.error("the lm source needs --model-dir (a local GPT-2 or GPT-NeoX folder); "
                  "add it or choose other --sources.")
-  if (args.model_dir or args.hook) and "lm" not in preset.sources:
-    parser.error("--model-dir and --hook belong to the lm source; add lm to --sources.")
+  if (args.model_dir or args.hook or args.stream) and "lm" not in preset.sources:
+    parser.error("--model-dir, --hook and --stream belong to the lm source; add lm to "
+                 "--sources.")
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   if args.rows_from:

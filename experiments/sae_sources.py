@@ -23,6 +23,7 @@ from sae_jax.data import corpus
 from sae_jax import lm
 from sae_jax.data import harvest
 from sae_jax.data import lm_harvest
+from sae_jax.data import lm_stream
 from sae_jax.data import minilm
 from sae_jax.data import store as store_lib
 from sae_jax.data import synthbench
@@ -312,8 +313,10 @@ def lm_windows(tokenizer, texts, context: int, separator: int | None):
 def lm_source(args, preset: Preset) -> Source:
   """A causal LM's activations at ``--hook`` (GPT-2 / GPT-NeoX from ``--model-dir``).
 
-  Harvests the preset's corpora into a cached store (or reads ``--store``), evaluates on
-  held-out documents, and splices reconstructions back into the model: the ``fidelity``
+  Harvests the preset's corpora into a cached store (or reads ``--store``, or with
+  ``--stream`` / ``Preset.lm_stream`` trains straight from the model on the corpora's
+  token windows, `sae_jax.data.lm_stream`), evaluates on held-out documents, and splices
+  reconstructions back into the model: the ``fidelity``
   columns are the next-token CE loss recovered against zero ablation, with the mean
   ablation, KL and the raw CE values beside them (`sae_jax.evaluation.lm_fidelity`).
   """
@@ -328,7 +331,37 @@ def lm_source(args, preset: Preset) -> Source:
   specs = corpus_specs(args.text)
   acts = lm_harvest.activation_fn(lm_params, lm_cfg, hook)
   model_name = pathlib.Path(args.model_dir).resolve().name
-  if args.store:
+  if args.stream and args.store:
+    raise ValueError("--store and --stream exclude each other: a stream computes the "
+                     "activations while training; drop one.")
+  stream = args.stream or (preset.lm_stream and not args.store)  # a given store wins
+  if stream:
+    reader = None
+    windows = []
+    need = -(-preset.harvest_tokens // (preset.window - LM_SKIP_FIRST))
+    for ids, _ in lm_windows(tokenizer, balanced_documents(specs, held_out=False),
+                             preset.window, separator):
+      windows.append(ids)
+      if sum(len(w) for w in windows) >= need:
+        break
+    if not windows:
+      raise ValueError(f"the corpora give no full {preset.window}-token window to stream.")
+    train_ids = np.concatenate(windows)[:need]
+    stream_fn = lambda ids: acts(ids, None)
+    init_sample = np.concatenate([
+        np.asarray(stream_fn(train_ids[i:i + 8]))[:, LM_SKIP_FIRST:].reshape(
+            -1, lm_cfg.hidden_size)
+        for i in range(0, min(len(train_ids), -(-INIT_SAMPLE // (preset.window - 1))), 8)
+    ])[:INIT_SAMPLE]
+    d = lm_cfg.hidden_size
+    fields = (d, lambda batch_size, seed: lm_stream.StreamedBatches(
+        stream_fn, train_ids, batch_size, seed, sub_batch=8, skip_first=LM_SKIP_FIRST),
+              init_sample, None, None)
+    norm_mean = float(np.linalg.norm(init_sample, axis=1).mean())
+    mean_activation = init_sample.mean(axis=0)
+    trained_on = (f"{len(train_ids)} contexts streamed through the model "
+                  f"({len(train_ids) * (preset.window - LM_SKIP_FIRST)} tokens per epoch)")
+  elif args.store:
     reader = store_lib.StoreReader(args.store)
   else:
     name = f"lm_{model_name}_{hook}_w{preset.window}_{preset.harvest_tokens}"
@@ -340,10 +373,15 @@ def lm_source(args, preset: Preset) -> Source:
         keep_fn=lm_harvest.skip_first_keep(LM_SKIP_FIRST), progress=not args.quiet,
         meta={"corpora": [list(s.sources) for s in specs], "window": preset.window,
               "skip_first": LM_SKIP_FIRST})
-  if reader.d != lm_cfg.hidden_size:
-    raise ValueError(f"the store {reader.path} holds d={reader.d} activations but "
-                     f"{args.model_dir} has d={lm_cfg.hidden_size}: pass the store harvested "
-                     f"from this model or drop --store.")
+  if reader is not None:
+    if reader.d != lm_cfg.hidden_size:
+      raise ValueError(f"the store {reader.path} holds d={reader.d} activations but "
+                       f"{args.model_dir} has d={lm_cfg.hidden_size}: pass the store "
+                       f"harvested from this model or drop --store.")
+    fields = _store_fields(reader)
+    norm_mean, mean_activation = reader.stats.norm_mean, reader.stats.mean
+    trained_on = f"{reader.count} harvested tokens"
+  d = lm_cfg.hidden_size
   eval_ids = []
   for ids, _ in lm_windows(tokenizer, balanced_documents(specs, held_out=True), preset.window,
                            separator):
@@ -355,25 +393,25 @@ def lm_source(args, preset: Preset) -> Source:
                      f"pass more text (--text) or a shorter window.")
   eval_ids = np.concatenate(eval_ids)[:preset.eval_windows]
   eval_x = np.concatenate([
-      np.asarray(acts(eval_ids[i:i + 8], None))[:, LM_SKIP_FIRST:].reshape(-1, reader.d)
+      np.asarray(acts(eval_ids[i:i + 8], None))[:, LM_SKIP_FIRST:].reshape(-1, d)
       for i in range(0, len(eval_ids), 8)])
-  d_sae = PAPER_D_SAE if preset.expansion == 0 else int(preset.expansion * reader.d)
-  scale = float(np.sqrt(reader.d) / reader.stats.norm_mean)
+  d_sae = PAPER_D_SAE if preset.expansion == 0 else int(preset.expansion * d)
+  scale = float(np.sqrt(d) / norm_mean)
 
   def fidelity(state, cfg, theta):
     out = lm_fidelity.lm_fidelity(
         state.params, cfg, lm_params, lm_cfg, eval_ids, hook, threshold=theta,
         normalization={"mean": 0.0, "scale": 1.0 / scale}, skip_first=LM_SKIP_FIRST,
-        mean_activation=reader.stats.mean)
+        mean_activation=mean_activation)
     # The report's fidelity column: CE loss recovered against zero ablation.
     return {**out, "fidelity_recovered": out["ce_recovered_zero"]}
 
   corpora = ", ".join("+".join(s.sources) for s in specs)
-  return Source("lm", *_store_fields(reader), scale, eval_x, d_sae, layer=layer,
+  return Source("lm", *fields, scale, eval_x, d_sae, layer=layer,
                 context_size=preset.window, fidelity=fidelity,
-                description=(f"{model_name} {hook} ({corpora}), {reader.count} harvested "
-                             f"tokens, d={reader.d}; fidelity = next-token CE loss recovered "
-                             f"against zero ablation"),
+                description=(f"{model_name} {hook} ({corpora}), {trained_on}, d={d}; "
+                             f"fidelity = next-token CE loss recovered against zero "
+                             f"ablation"),
                 export_names={"model_name": model_name, "hook_name": hook,
                               "prepend_bos": False})
 

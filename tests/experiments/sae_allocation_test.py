@@ -127,6 +127,25 @@ class SaeAllocationSmokeTest(absltest.TestCase):
       self.assertEqual(cfg["context_size"], 64)
       self.assertFalse(cfg["prepend_bos"])
 
+  def test_lm_source_streams_without_a_store(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      model_dir = pathlib.Path(tmp) / "tiny_gpt2"
+      lm_test.write_checkpoint(model_dir, "gpt2", config_overrides={"n_positions": 64})
+      out = pathlib.Path(tmp) / "out"
+      argv = ["--preset", "smoke", "--sources", "lm", "--stream", "--model-dir", str(model_dir),
+              "--hook", "blocks.1.hook_resid_post",
+              "--out", str(out), "--cache", str(pathlib.Path(tmp) / "cache"), "--quiet",
+              "--only", "topk-none-k8"]
+      result = sae_allocation.main(argv)
+      self.assertIsNone(result["store_tokens"])
+      self.assertFalse((pathlib.Path(tmp) / "cache").exists())  # nothing harvested
+      row = result["runs"][0]
+      self.assertIn("streamed through the model", result["sources"]["lm"]["description"])
+      self.assertTrue(0 < row["fvu"] < 1.5)
+      self.assertIn("ce_recovered_zero", row)
+      with self.assertRaisesRegex(ValueError, "--store and --stream exclude each other"):
+        sae_allocation.main(argv + ["--store", str(out)])
+
   def test_lm_source_needs_a_model_folder(self):
     with tempfile.TemporaryDirectory() as tmp:
       proc = subprocess.run(
