@@ -33,7 +33,9 @@ seeds 0-2, 4000 steps x 512 tokens per run: many hours on 2 cores, so it is mean
 rerun until done; ``paper`` is the GPT-2-small setting of the paper (the layer-8 residual
 stream, ``blocks.8.hook_resid_pre``, of the model in ``--model-dir``, harvested from the
 corpora in 128-token contexts, or read from ``--store``; 32768 features, k=32, batch 4096)
-for GPU/TPU; ``smoke`` is a seconds-long end-to-end check. ``--sources lm --model-dir DIR``
+for GPU/TPU, and with ``--sources synthbench`` the synthetic ``paper`` benchmark (d=768,
+16384 true features, fresh tokens drawn on the device for every batch); ``smoke`` is a
+seconds-long end-to-end check. ``--sources lm --model-dir DIR``
 runs any preset on a local GPT-2 or GPT-NeoX / Pythia model.
 """
 
@@ -104,7 +106,8 @@ PRESETS = {
     "paper": Preset(layer=8, window=128, harvest_tokens=200_000_000, eval_windows=512,
                     expansion=0, k=32, k_sweep=(16, 64), batch_size=4096, steps=50_000,
                     learning_rate=4e-4, dead_after_tokens=10_000_000, eval_batches=64,
-                    sources=("lm",), lm_stream=True),
+                    sources=("lm",), lm_stream=True, synthbench="paper", synth_tokens=0,
+                    synth_eval_tokens=16384),
 }
 PRESETS["cpu-long"] = Preset(
     harvest_tokens=2_000_000, eval_windows=96, expansion=4, k=16, k_values=(16, 8, 32),
