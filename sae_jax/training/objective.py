@@ -44,6 +44,32 @@ def k_aux(cfg: model.SAEConfig, tcfg: train_state.TrainConfig) -> int:
   return min(tcfg.k_aux or losses.default_k_aux(cfg.d_model), cfg.d_sae)
 
 
+# The auxiliary loss's smaller static top-k: a step with at most k_aux // AUX_SMALL_TIER
+# candidate features selects only that many entries per token.
+AUX_SMALL_TIER = 8
+
+
+def aux_k_tiers(cfg: model.SAEConfig, tcfg: train_state.TrainConfig) -> tuple[int, ...]:
+  """The static per-token auxiliary top-k of the sparse steps' branches, ascending.
+
+  ``(k_aux // 8, k_aux)`` (one tier when they coincide). A token's top-``k_aux`` over the
+  candidates holds every candidate when there are at most ``t`` of them, the rest being
+  non-candidates whose score is ``-inf`` and whose code is 0; so on such a step the top-``t``
+  gives the same codes, loss and gradients at an eighth of the auxiliary work (aux_k with
+  a few dead features: the common case once training has settled).
+  """
+  k = k_aux(cfg, tcfg)
+  return tuple(sorted({max(1, k // AUX_SMALL_TIER), k}))
+
+
+def aux_branch(candidates: Bool[Array, "f"], tiers: tuple[int, ...]) -> Array:
+  """Index of a step's branch: 0 without candidates, else ``1 + i`` for the first tier
+  ``tiers[i]`` at least the number of candidates."""
+  n = jnp.sum(candidates, dtype=jnp.int32)
+  above = sum((n > t).astype(jnp.int32) for t in tiers[:-1])
+  return jnp.where(n == 0, 0, 1 + above)
+
+
 def aux_candidates(usage: metrics.FeatureUsageState, tcfg: train_state.TrainConfig
                    ) -> tuple[Bool[Array, "f"], Float[Array, "f"] | None] | None:
   """``(candidates [f] bool, weights [f] or None)`` of the auxiliary loss; None without one.

@@ -36,8 +36,10 @@ a replicated ``b_dec``. Nothing of size ``[b, f]`` is communicated:
    global gradient norm.
 
 Auxiliary losses (aux_k, aux_zipf) take their candidates from the gathered usage
-statistics (the Zipf fit ranks every feature) and are skipped with ``lax.cond`` on
-steps without a candidate. Their entries are decoded as triples.
+statistics (the Zipf fit ranks every feature) and are skipped on steps without a
+candidate; with at most ``k_aux // 8`` candidates each token takes its top ``k_aux // 8``
+(the same codes, :func:`sae_jax.training.objective.aux_k_tiers`). Their entries are
+decoded as triples.
 
 Dtypes (this step and :mod:`sae_jax.training.sparse_step` alike): ``cfg.param_dtype`` float32 or
 bfloat16 for the parameters as stored; Adam's moments always float32. ``cfg.dtype``
@@ -395,15 +397,17 @@ def _surrogate(dec, pre_N, aux_pre_N, x, variance, sel: Selection, aux_sel, aux,
 
 
 def _local_gradients(state: train_state.TrainState, x, aux_in, cfg: model.SAEConfig,
-                     tcfg: train_state.TrainConfig, lay: _Layout) -> sparse_step.Gradients:
+                     tcfg: train_state.TrainConfig, lay: _Layout, k_aux: int | None = None
+                     ) -> sparse_step.Gradients:
   """Gradients and statistics of one device's block (summed over devices where they are
-  shared); ``aux_in`` = (candidates, weights, any) or None."""
+  shared); ``aux_in`` = (candidates, weights, any) or None; ``k_aux`` the static
+  auxiliary top-k (default the full one)."""
   p = state.params
   x32 = x.astype(jnp.float32)
   aux = None
   if aux_in is not None:
     cand_loc, weights_loc, any_cand = aux_in
-    k_aux = objective.k_aux(cfg, tcfg)
+    k_aux = objective.k_aux(cfg, tcfg) if k_aux is None else k_aux
     aux = (cand_loc, weights_loc, min(k_aux, lay.f_loc), k_aux)
   sel, aux_sel = _select(p, x, cfg, lay, aux)
   if aux_sel is not None:  # many entries: walk the weights in column order
@@ -491,10 +495,13 @@ def _device_step(state, x, cfg, tcfg, lay: _Layout):
   col0 = lax.axis_index(MODEL) * lay.f_loc
   local = lambda a: None if a is None else lax.dynamic_slice_in_dim(a, col0, lay.f_loc)
   aux_in = (local(cand_F), local(weights_F), jnp.any(cand_F))
-  # Gradients in the branches, the state updated in place after them (see sparse_step).
-  out = lax.cond(aux_in[2],
-                 lambda s, v: _local_gradients(s, v, aux_in, cfg, tcfg, lay),
-                 lambda s, v: _local_gradients(s, v, None, cfg, tcfg, lay), state, x)
+  # Gradients in the branches, the state updated in place after them (see sparse_step):
+  # branch 0 without auxiliary work, the others at a static tier of k_aux.
+  tiers = objective.aux_k_tiers(cfg, tcfg)
+  with_aux = lambda k: lambda s, v: _local_gradients(s, v, aux_in, cfg, tcfg, lay, k_aux=k)
+  out = lax.switch(objective.aux_branch(cand_F, tiers),
+                   [lambda s, v: _local_gradients(s, v, None, cfg, tcfg, lay)]
+                   + [with_aux(k) for k in tiers], state, x)
   return _apply(state, x, out, tcfg)
 
 

@@ -177,8 +177,10 @@ def fast_train_step(state: train_state.TrainState, x: Float[Array, "b d"], cfg: 
   Jit with ``static_argnames=("cfg", "tcfg", "chunk_tokens", "aux_form")`` (or use
   :data:`jit_fast_train_step`). Same state, same metrics as the reference step. With an
   auxiliary loss, a step on which no feature is a candidate (nothing dead for aux_k,
-  nothing underutilised for aux_zipf) takes a ``lax.cond`` branch without the auxiliary
-  selection, decode and gradient, whose loss and gradient would be exactly zero.
+  nothing underutilised for aux_zipf) takes a branch without the auxiliary selection,
+  decode and gradient, whose loss and gradient would be exactly zero; a step with at most
+  ``k_aux // 8`` candidates takes each token's top ``k_aux // 8`` instead of ``k_aux``, the
+  same codes (:func:`sae_jax.training.objective.aux_k_tiers`).
 
   References:
     Gao et al. 2024, "Scaling and evaluating sparse autoencoders", arXiv 2406.04093;
@@ -208,12 +210,15 @@ def fast_train_step(state: train_state.TrainState, x: Float[Array, "b d"], cfg: 
   else:
     # The branches return gradients and statistics only: the state is updated in place
     # after the branch (XLA:CPU copies state a branch returns instead of updating it).
+    # Branch 0 has no auxiliary work; the others take the top-k of a static tier.
     candidates, weights = aux
-    out = jax.lax.cond(
-        jnp.any(candidates),
-        lambda s, v: _gradients(s, v, (candidates, weights), cfg, tcfg, chunk_tokens,
-                                aux_form),
-        lambda s, v: _gradients(s, v, None, cfg, tcfg, chunk_tokens, aux_form),
+    tiers = objective.aux_k_tiers(cfg, tcfg)
+    with_aux = lambda k: lambda s, v: _gradients(s, v, (candidates, weights), cfg, tcfg,
+                                                 chunk_tokens, aux_form, k_aux=k)
+    out = jax.lax.switch(
+        objective.aux_branch(candidates, tiers),
+        [lambda s, v: _gradients(s, v, None, cfg, tcfg, chunk_tokens, aux_form)]
+        + [with_aux(k) for k in tiers],
         state, x)
   return _apply(state, x, out, tcfg)
 
@@ -231,17 +236,18 @@ class Gradients(NamedTuple):
 
 
 def _gradients(state: train_state.TrainState, x, aux, cfg: model.SAEConfig,
-               tcfg: train_state.TrainConfig, chunk_tokens: int, form: str = "auto"
-               ) -> Gradients:
+               tcfg: train_state.TrainConfig, chunk_tokens: int, form: str = "auto",
+               k_aux: int | None = None) -> Gradients:
   """Gradients and statistics with the auxiliary loss's ``(candidates, weights)``, or
-  without it (None)."""
+  without it (None); ``k_aux`` is the static auxiliary top-k (default the full one)."""
   b = x.shape[0]
   aux_cands = aux_weights = None
-  k_aux = 0
   block_rows = None
-  if aux is not None:
+  if aux is None:
+    k_aux = 0
+  else:
     aux_cands, aux_weights = aux
-    k_aux = objective.k_aux(cfg, tcfg)
+    k_aux = objective.k_aux(cfg, tcfg) if k_aux is None else k_aux
     if form == "auto":
       form = aux_form(cfg.d_sae, k_aux)
     if form == "dense":  # dense blocks of one encoder chunk of tokens

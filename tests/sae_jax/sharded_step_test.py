@@ -6,6 +6,7 @@ several steps the parameters, usage statistics, thresholds and metrics equal the
 step's to float32 rounding (sums over devices run in another order).
 """
 
+import dataclasses
 import functools
 from unittest import mock
 
@@ -81,6 +82,29 @@ class ShardedSparseStepTest(parameterized.TestCase):
           self.assertEqual(set(r), set(g))
           for name in r:
             np.testing.assert_allclose(g[name], r[name], rtol=2e-5, atol=1e-6, err_msg=name)
+
+  def test_few_candidates_take_the_small_auxiliary_tier_on_a_mesh(self):
+    # Two dead features and k_aux = 16: the k_aux // 8 = 2 branch, same update.
+    cfg, tcfg = _configs("topk", "aux_k")
+    tcfg = dataclasses.replace(tcfg, k_aux=16)
+    x = _batches(1, seed=4)[0]
+
+    def one_step(mesh, sparse):
+      state = sharding.init_sharded_state(jax.random.key(0), cfg, tcfg, mesh)
+      usage = state.usage._replace(tokens_since_fired=jax.device_put(
+          jnp.where(jnp.arange(F) < 2, 10 * B, 0).astype(jnp.int32),
+          state.usage.tokens_since_fired.sharding))
+      state = state._replace(usage=usage)
+      step = sharding.jit_sharded_step(cfg, tcfg, mesh, jax.eval_shape(lambda: state),
+                                       sparse=sparse)
+      new, m = step(state, jax.device_put(x, sharding.batch_sharding(mesh)))
+      return jax.device_get(new), float(m["aux_loss"])
+
+    ref, ref_aux = one_step(sharding.make_mesh(1, 1, devices=jax.devices()[:1]), False)
+    got, got_aux = one_step(sharding.make_mesh(2, 4), None)
+    self.assertGreater(ref_aux, 0.0)
+    np.testing.assert_allclose(got_aux, ref_aux, rtol=1e-5)
+    _assert_states_close(ref, got)
 
   def test_gradients_summed_over_data_in_blocks(self):
     """The weight gradients' sum over "data", block by block in place, equals one psum."""

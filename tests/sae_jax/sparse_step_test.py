@@ -1,5 +1,6 @@
 """The sparse training step against the dense reference step, on tiny shapes."""
 
+import dataclasses
 from functools import partial
 
 import chex
@@ -286,9 +287,10 @@ class AuxFormTest(parameterized.TestCase):
     self.assertEqual(calls, [])  # triple form: the dense decoder is never traced
     for shape in ("[4096,32768]", "[32768,4096]"):
       self.assertNotIn(shape, jaxpr)
-    # Even the dense form, forced, holds one [chunk, f] block at a time, never [b, f].
+    # Even the dense form, forced, holds one [chunk, f] block at a time, never [b, f]
+    # (one dense decode per auxiliary tier: k_aux // 8 = 48 and 384).
     calls, jaxpr = self._trace(4096, 768, 32768, form="dense")
-    self.assertEqual(calls, [((4096, 384), 512)])
+    self.assertEqual(calls, [((4096, 48), 512), ((4096, 384), 512)])
     self.assertIn("[512,32768]", jaxpr)
     for shape in ("[4096,32768]", "[32768,4096]"):
       self.assertNotIn(shape, jaxpr)
@@ -396,6 +398,26 @@ class FastStepPropertiesTest(parameterized.TestCase):
     chex.assert_trees_all_close(got.params, want.params, rtol=1e-6, atol=1e-7)
     ref, _ = _REF(state, x, cfg=cfg, tcfg=tcfg)
     chex.assert_trees_all_close(got, ref, rtol=1e-5, atol=1e-6)
+
+  @parameterized.parameters((0, 0), (1, 1), (2, 1), (3, 2), (40, 2))
+  def test_aux_branch_by_candidate_count(self, n, branch):
+    candidates = jnp.arange(F) < n
+    self.assertEqual(int(objective.aux_branch(candidates, (2, 16))), branch)
+
+  @parameterized.parameters(1, 2, 5)
+  def test_few_candidates_take_the_small_tier_with_the_same_update(self, n_dead):
+    cfg, tcfg = _configs("topk", "aux_k")
+    tcfg = dataclasses.replace(tcfg, k_aux=16)
+    tiers = objective.aux_k_tiers(cfg, tcfg)
+    self.assertEqual(tiers, (2, 16))
+    x = _batches(1, seed=5)[0]
+    state = train_state.init_train_state(jax.random.key(0), cfg, tcfg, x)
+    state = state._replace(usage=state.usage._replace(tokens_since_fired=jnp.where(
+        jnp.arange(F) < n_dead, 10 * B, 0).astype(jnp.int32)))
+    candidates = objective.aux_candidates(state.usage, tcfg)[0]
+    self.assertEqual(int(objective.aux_branch(candidates, tiers)), 1 if n_dead <= 2 else 2)
+    _, _, history = _run_both(self, cfg, tcfg, [x], state)
+    self.assertGreater(float(history[0]["aux_loss"]), 0.0)
 
   def test_chunk_size_does_not_change_the_step(self):
     cfg, tcfg = _configs("topk")
