@@ -216,7 +216,7 @@ def allocate(
       array does not cause recompilation. Only valid for Feature Choice.
     mesh: optional ("data", "model") mesh over which ``pre`` is sharded (tokens
       over "data", features over "model"); the selection then runs exactly over
-      the global batch with :mod:`sae_jax.allocation._sharded`.
+      the global batch with :mod:`sae_jax.allocation.sharded`.
 
   Returns:
     Boolean mask shaped like ``pre``. Exact counts: ``k`` per row for

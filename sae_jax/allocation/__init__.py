@@ -19,27 +19,33 @@ The building blocks the sparse training steps use are public too: :func:`rows_to
 device or across a mesh), and the key helpers :func:`sortable_key`, :func:`key_to_float`,
 :func:`bisect_uint32`, :func:`count_at_least`.
 
+Modules: :mod:`~sae_jax.allocation.strategies` (the strategies),
+:mod:`~sae_jax.allocation.grouped` (the grouped top-k kernels and key helpers),
+:mod:`~sae_jax.allocation.feature_choice_ops` (Feature Choice and its capacities),
+:mod:`~sae_jax.allocation.sharded` (the sharded variants) and
+:mod:`~sae_jax.allocation.validation` (argument checks shared by them).
+
 References:
   Ayonrinde 2024, "Adaptive Sparse Allocation with Mutual Choice & Feature Choice Sparse
   Autoencoders", arXiv 2411.02124; Bussmann, Leask & Nanda 2024, "BatchTopK Sparse
   Autoencoders", arXiv 2412.06410.
 """
 
-from sae_jax.allocation._feature_choice import feature_choice
-from sae_jax.allocation._feature_choice import feature_choice_fb
-from sae_jax.allocation._feature_choice import feature_choice_ranked
-from sae_jax.allocation._feature_choice import zipf_capacities
-from sae_jax.allocation._grouped import bisect_uint32
-from sae_jax.allocation._grouped import cols_topk
-from sae_jax.allocation._grouped import count_at_least
-from sae_jax.allocation._grouped import key_to_float
-from sae_jax.allocation._grouped import rows_topk
-from sae_jax.allocation._grouped import select_top_n_flat
-from sae_jax.allocation._grouped import sortable_key
-from sae_jax.allocation._sharded import feature_choice_sharded
-from sae_jax.allocation._sharded import mutual_choice_sharded
-from sae_jax.allocation._sharded import select_global_top_n
-from sae_jax.allocation._sharded import topk_sharded
+from sae_jax.allocation.feature_choice_ops import feature_choice
+from sae_jax.allocation.feature_choice_ops import feature_choice_fb
+from sae_jax.allocation.feature_choice_ops import feature_choice_ranked
+from sae_jax.allocation.feature_choice_ops import zipf_capacities
+from sae_jax.allocation.grouped import bisect_uint32
+from sae_jax.allocation.grouped import cols_topk
+from sae_jax.allocation.grouped import count_at_least
+from sae_jax.allocation.grouped import key_to_float
+from sae_jax.allocation.grouped import rows_topk
+from sae_jax.allocation.grouped import select_top_n_flat
+from sae_jax.allocation.grouped import sortable_key
+from sae_jax.allocation.sharded import feature_choice_sharded
+from sae_jax.allocation.sharded import mutual_choice_sharded
+from sae_jax.allocation.sharded import select_global_top_n
+from sae_jax.allocation.sharded import topk_sharded
 from sae_jax.allocation.strategies import DEFAULT_CANDIDATE_FACTOR
 from sae_jax.allocation.strategies import batch_topk
 from sae_jax.allocation.strategies import mutual_choice

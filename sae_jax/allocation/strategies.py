@@ -18,7 +18,7 @@ below +0.0. Budgets that fix shapes (``k``, capacities) are static Python values
 
 Performance notes (XLA:CPU): a flat ``lax.top_k`` over ``b * f`` entries costs several
 times a per-row top-k, and full sorts of ``b * f`` are unusable. The selections run the
-grouped kernels of :mod:`sae_jax.allocation._grouped` instead: TopK and Feature Choice a grouped
+grouped kernels of :mod:`sae_jax.allocation.grouped` instead: TopK and Feature Choice a grouped
 exact row top-k, Mutual Choice a global threshold search over group maxima followed by
 an exact selection among the entries of the chosen groups. Mutual Choice checks on every
 call that its candidate groups fit (they do unless a huge number of group maxima tie)
@@ -33,8 +33,8 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
-from sae_jax.allocation import _grouped
-from sae_jax.allocation import _validation
+from sae_jax.allocation import grouped
+from sae_jax.allocation import validation
 
 __all__ = [
     "topk",
@@ -70,13 +70,13 @@ def topk(scores: Float[Array, "b f"], k: int) -> Bool[Array, "b f"]:
     Makhzani & Frey 2013, "k-Sparse Autoencoders", arXiv 1312.5663; Gao et al. 2024,
     "Scaling and evaluating sparse autoencoders", arXiv 2406.04093.
   """
-  _validation.check_scores(scores)
+  validation.check_scores(scores)
   b, f = scores.shape
-  k = _validation.static_number(k, "k")
+  k = validation.static_number(k, "k")
   if k != int(k) or not 1 <= k <= f:
     raise ValueError(f"k must be an integer in [1, {f}] (the number of features); got {k}.")
   k = int(k)
-  _, idx_BxK = _grouped.rows_topk(scores, k)
+  _, idx_BxK = grouped.rows_topk(scores, k)
   rows_BxK = jnp.broadcast_to(jnp.arange(b, dtype=idx_BxK.dtype)[:, None], idx_BxK.shape)
   return _rows_mask((b, f), rows_BxK.reshape(-1), idx_BxK.reshape(-1))
 
@@ -95,7 +95,7 @@ def mutual_choice(scores: Float[Array, "b f"], k: float, *,
 
   The selection ranks groups of adjacent columns by their maximum, finds the threshold
   of the n-th best group by a count-based bisection, and selects exactly among the
-  entries of the groups above it (:func:`sae_jax.allocation._grouped.top_n_groups`); no per-row
+  entries of the groups above it (:func:`sae_jax.allocation.grouped.top_n_groups`); no per-row
   cap applies. If more than ``n / 8`` extra groups tie at that threshold the candidates
   do not fit; then each row proposes its ``max_per_row`` best entries and the budget is
   chosen among them, and if some row needs all of its proposals the flat ``lax.top_k``
@@ -117,9 +117,9 @@ def mutual_choice(scores: Float[Array, "b f"], k: float, *,
     Sparse Autoencoders", arXiv 2411.02124; Bussmann, Leask & Nanda 2024, "BatchTopK
     Sparse Autoencoders", arXiv 2412.06410.
   """
-  _validation.check_scores(scores)
+  validation.check_scores(scores)
   b, f = scores.shape
-  k = _validation.static_number(k, "k")
+  k = validation.static_number(k, "k")
   if not 0 < k <= f:
     raise ValueError(f"k must be in (0, {f}] (mean features per token, at most the number of "
                      f"features); got {k}.")
@@ -129,21 +129,21 @@ def mutual_choice(scores: Float[Array, "b f"], k: float, *,
   if max_per_row is None:
     cap = min(f, DEFAULT_CANDIDATE_FACTOR * math.ceil(k))
   else:
-    cap = _validation.static_number(max_per_row, "max_per_row")
+    cap = validation.static_number(max_per_row, "max_per_row")
     if cap != int(cap) or not 1 <= cap <= f:
       raise ValueError(f"max_per_row must be an integer in [1, {f}]; got {max_per_row}.")
     cap = int(cap)
 
-  g = _grouped.group_size_for(f)
+  g = grouped.group_size_for(f)
   if g is None:
     return _rows_mask((b, f), *_unravel(_mutual_choice_fallback(scores, n, cap), f))
-  groups, keep, ok = _grouped.top_n_groups(scores, n)
+  groups, keep, ok = grouped.top_n_groups(scores, n)
   # The branches return the small group form, so the [b, f] mask is written once.
   groups, keep = lax.cond(
       ok, lambda s: (groups, keep),
-      lambda s: _grouped.indices_as_groups(_mutual_choice_fallback(s, n, cap), g,
+      lambda s: grouped.indices_as_groups(_mutual_choice_fallback(s, n, cap), g,
                                            groups.shape[0]), scores)
-  return _grouped.groups_to_mask(groups, keep, (b, f))
+  return grouped.groups_to_mask(groups, keep, (b, f))
 
 
 def _unravel(flat_idx, f):
@@ -166,10 +166,10 @@ def _mutual_choice_candidates(scores, n: int, cap: int) -> tuple[Array, Array]:
   The indices are exact when ``saturated`` is False.
   """
   b, f = scores.shape
-  cand_BxC, col_BxC = _grouped.rows_topk(scores, cap)
+  cand_BxC, col_BxC = grouped.rows_topk(scores, cap)
   # Candidates in row-major order, each row's proposals by value then by column: among
   # equal values this is the row-major flat order, so ties resolve as in the flat case.
-  keep_BxC = _grouped.select_top_n_flat(cand_BxC.reshape(-1), n).reshape(b, cap)
+  keep_BxC = grouped.select_top_n_flat(cand_BxC.reshape(-1), n).reshape(b, cap)
   saturated = jnp.any(jnp.all(keep_BxC, axis=1))
   pos = jnp.nonzero(keep_BxC.reshape(-1), size=n, fill_value=0)[0]
   flat_BxC = jnp.arange(b, dtype=jnp.int32)[:, None] * f + col_BxC
@@ -190,7 +190,7 @@ def threshold(scores: Float[Array, "b f"], theta: float | Float[Array, "f"]) -> 
   Returns:
     ``scores > theta``.
   """
-  _validation.check_scores(scores)
+  validation.check_scores(scores)
   f = scores.shape[1]
   theta = jnp.asarray(theta)
   if theta.ndim not in (0, 1) or (theta.ndim == 1 and theta.shape[0] != f):

@@ -1,4 +1,4 @@
-"""Tests for sae_jax.allocation._grouped: the grouped kernels equal plain lax.top_k selections.
+"""Tests for sae_jax.allocation.grouped: the grouped kernels equal plain lax.top_k selections.
 
 Shapes are chosen so that grouping really happens (at least 4k groups per row), with
 adversarial inputs: many ties, constant rows, ReLU zeros, signed zeros and infinities,
@@ -15,7 +15,7 @@ from absl.testing import parameterized
 from jax import lax
 
 from sae_jax import allocation
-from sae_jax.allocation import _grouped
+from sae_jax.allocation import grouped
 
 from tests.sae_jax.allocation_test import ref_feature_choice
 from tests.sae_jax.allocation_test import ref_mutual_choice
@@ -61,9 +61,9 @@ class RowsTopKTest(chex.TestCase):
 
   def test_group_sizes_used(self):
     # k=2 groups by 32, k=7 needs 28 groups so by 8; k=40 cannot group 256 columns.
-    self.assertEqual(_grouped._group_size(256, 2), 32)
-    self.assertEqual(_grouped._group_size(256, 7), 8)
-    self.assertIsNone(_grouped._group_size(256, 40))
+    self.assertEqual(grouped._group_size(256, 2), 32)
+    self.assertEqual(grouped._group_size(256, 7), 8)
+    self.assertIsNone(grouped._group_size(256, 40))
 
   def test_ungrouped_shapes_fall_back(self):
     s = jnp.asarray(_scores(np.random.default_rng(1), 4, 13, "ties"))
@@ -96,7 +96,7 @@ class CompactTest(parameterized.TestCase):
   def test_matches_flatnonzero(self, density):
     mask = np.random.default_rng(4).random((37, 64)) < density
     size = 500
-    idx, count = jax.jit(_grouped.compact, static_argnums=1)(jnp.asarray(mask), size)
+    idx, count = jax.jit(grouped.compact, static_argnums=1)(jnp.asarray(mask), size)
     want = np.flatnonzero(mask)
     self.assertEqual(int(count), want.size)
     m = min(size, want.size)
@@ -104,7 +104,7 @@ class CompactTest(parameterized.TestCase):
 
   def test_prefix_counts_exact(self):
     mask = np.random.default_rng(5).random((50, 96)) < 0.5
-    got = jax.jit(_grouped._inclusive_prefix_counts)(jnp.asarray(mask))
+    got = jax.jit(grouped._inclusive_prefix_counts)(jnp.asarray(mask))
     np.testing.assert_array_equal(np.asarray(got).reshape(-1), np.cumsum(mask.reshape(-1)))
 
 
@@ -115,7 +115,7 @@ class TopNTest(chex.TestCase):
   def test_exact_when_ok(self, kind, k):
     s = _scores(np.random.default_rng(6), 16, 256, kind)
     n = allocation.mutual_choice_budget(16, k)
-    mask, ok = self.variant(functools.partial(_grouped.top_n_mask, n=n))(jnp.asarray(s))
+    mask, ok = self.variant(functools.partial(grouped.top_n_mask, n=n))(jnp.asarray(s))
     if kind in ("normal", "relu", "clustered"):
       self.assertTrue(bool(ok))  # ordinary inputs never need the fallback
     if bool(ok):
@@ -123,7 +123,7 @@ class TopNTest(chex.TestCase):
 
   def test_ties_beyond_slack_report_not_ok(self):
     s = jnp.full((8, 256), 1.0)  # all 64 group maxima tie; 18 candidate slots
-    _, ok = _grouped.top_n_mask(s, 16)
+    _, ok = grouped.top_n_mask(s, 16)
     self.assertFalse(bool(ok))
 
   def test_one_row_takes_most_of_the_budget(self):
@@ -131,7 +131,7 @@ class TopNTest(chex.TestCase):
     rng = np.random.default_rng(7)
     s = rng.normal(size=(32, 256)).astype(np.float32)
     s[2, :200] += 50.0
-    mask, ok = _grouped.top_n_mask(jnp.asarray(s), 256)
+    mask, ok = grouped.top_n_mask(jnp.asarray(s), 256)
     self.assertTrue(bool(ok))
     np.testing.assert_array_equal(np.asarray(mask), ref_mutual_choice(s, 8))
     self.assertEqual(int(np.asarray(mask)[2].sum()), 200)
@@ -139,8 +139,8 @@ class TopNTest(chex.TestCase):
   def test_indices_as_groups_round_trip(self):
     rng = np.random.default_rng(8)
     flat = rng.choice(16 * 64, size=100, replace=False)
-    groups, keep = _grouped.indices_as_groups(jnp.asarray(flat), 8, 120)
-    got = _grouped.groups_to_mask(groups, keep, (16, 64))
+    groups, keep = grouped.indices_as_groups(jnp.asarray(flat), 8, 120)
+    got = grouped.groups_to_mask(groups, keep, (16, 64))
     want = np.zeros(16 * 64, bool)
     want[flat] = True
     np.testing.assert_array_equal(np.asarray(got).reshape(-1), want)

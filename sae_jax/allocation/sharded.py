@@ -31,9 +31,9 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float, Int
 
-from sae_jax.allocation import _feature_choice
-from sae_jax.allocation import _grouped
-from sae_jax.allocation import _validation
+from sae_jax.allocation import feature_choice_ops
+from sae_jax.allocation import grouped
+from sae_jax.allocation import validation
 from sae_jax.allocation import strategies
 
 DATA = "data"
@@ -50,7 +50,7 @@ def _axis_sizes(mesh: Mesh) -> tuple[int, int]:
 
 
 def _check_divisible(scores, mesh: Mesh) -> tuple[int, int]:
-  _validation.check_scores(scores)
+  validation.check_scores(scores)
   n_data, n_model = _axis_sizes(mesh)
   b, f = scores.shape
   if b % n_data or f % n_model:
@@ -84,7 +84,7 @@ def topk_sharded(scores: Float[Array, "b f"], k: int, mesh: Mesh) -> Bool[Array,
   """:func:`sae_jax.allocation.topk` over scores sharded ``P("data", "model")``."""
   n_data, n_model = _check_divisible(scores, mesh)
   b, f = scores.shape
-  k = _validation.static_number(k, "k")
+  k = validation.static_number(k, "k")
   if k != int(k) or not 1 <= k <= f:
     raise ValueError(f"k must be an integer in [1, {f}] (the number of features); got {k}.")
   k = int(k)
@@ -112,7 +112,7 @@ def feature_choice_sharded(scores: Float[Array, "b f"], capacity: int | Int[Arra
   """:func:`sae_jax.allocation.feature_choice` over scores sharded ``P("data", "model")``."""
   n_data, n_model = _check_divisible(scores, mesh)
   b, f = scores.shape
-  cap, m = _feature_choice.capacity_array(capacity, b, f, max_capacity)
+  cap, m = feature_choice_ops.capacity_array(capacity, b, f, max_capacity)
   if m == 0:
     return jnp.zeros((b, f), bool)
   cap_arr = jnp.full((f,), m, jnp.int32) if isinstance(cap, int) else jnp.asarray(cap, jnp.int32)
@@ -140,19 +140,19 @@ def select_global_top_n(keys, flat, n: int, axes) -> Bool[Array, "..."]:
   """Exactly the n largest keys over all devices; ties to the lower global flat index.
 
   Runs inside ``shard_map``: ``keys`` are order-preserving uint32 keys
-  (``_grouped.sortable_key``) of this device's candidates, ``flat`` their distinct
+  (``grouped.sortable_key``) of this device's candidates, ``flat`` their distinct
   global uint32 indices, ``axes`` the mesh axes the candidates are spread over. Two count
   bisections with a ``psum`` per step; returns this device's kept candidates.
   """
   psum = lambda x: lax.psum(jnp.sum(x, dtype=jnp.int32), axes)
-  t = _grouped.bisect_uint32(lambda u: psum(keys >= u), n)
+  t = grouped.bisect_uint32(lambda u: psum(keys >= u), n)
   above = keys > t
   need = n - psum(above)
   tied = keys == t
   # Ties at t: the `need` smallest flat indices. Bisect on the complement so the same
   # "largest u with count >= n" search applies: count(~flat >= ~u) = count(flat <= u).
   inv = ~flat
-  u_inv = _grouped.bisect_uint32(lambda u: psum(tied & (inv >= u)), need)
+  u_inv = grouped.bisect_uint32(lambda u: psum(tied & (inv >= u)), need)
   take_tied = tied & (inv >= u_inv) & (need > 0)
   return above | take_tied
 
@@ -162,7 +162,7 @@ def mutual_choice_sharded(scores: Float[Array, "b f"], k: float, mesh: Mesh, *,
   """:func:`sae_jax.allocation.mutual_choice` over scores sharded ``P("data", "model")``."""
   n_data, n_model = _check_divisible(scores, mesh)
   b, f = scores.shape
-  k = _validation.static_number(k, "k")
+  k = validation.static_number(k, "k")
   if not 0 < k <= f:
     raise ValueError(f"k must be in (0, {f}] (mean features per token, at most the number of "
                      f"features); got {k}.")
@@ -185,7 +185,7 @@ def mutual_choice_sharded(scores: Float[Array, "b f"], k: float, mesh: Mesh, *,
     rows_loc = jnp.arange(b_loc, dtype=jnp.uint32)[:, None]
 
     def select(vals, cols_loc):
-      keys = _grouped.sortable_key(vals)
+      keys = grouped.sortable_key(vals)
       flat = (row0 + rows_loc) * jnp.uint32(f) + col0 + cols_loc.astype(jnp.uint32)
       return select_global_top_n(keys, flat, n, axes)
 

@@ -10,7 +10,7 @@ The selection is a per-feature top-k over the tokens, i.e. a row top-k of the
 layout (an encoder emits it at the cost of its ordinary matmul, ``W_enc^T x^T``) and
 returns a feature-major mask; :func:`feature_choice` takes the token-major ``[b, f]``
 scores that the rest of the library uses. Both run the grouped exact top-k kernels of
-:mod:`sae_jax.allocation._grouped` (by rows and by columns respectively), never a transpose of
+:mod:`sae_jax.allocation.grouped` (by rows and by columns respectively), never a transpose of
 the score matrix.
 
 Ties go to the lower token (row of ``[b, f]``), as ``lax.top_k`` over a column would.
@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from sae_jax.allocation import _grouped
-from sae_jax.allocation import _validation
+from sae_jax.allocation import grouped
+from sae_jax.allocation import validation
 
 __all__ = [
     "feature_choice",
@@ -50,7 +50,7 @@ def capacity_array(capacity, b: int, f: int, max_capacity) -> tuple[Array | np.n
     if max_capacity is None:
       raise ValueError("capacity is a traced array, so its maximum is unknown at trace time: "
                        "pass max_capacity=<static int upper bound on capacity, <= num tokens>.")
-    m = _validation.static_number(max_capacity, "max_capacity")
+    m = validation.static_number(max_capacity, "max_capacity")
     if m != int(m) or not 0 <= m <= b:
       raise ValueError(f"max_capacity must be an integer in [0, {b}] (the number of tokens); "
                        f"got {max_capacity}.")
@@ -104,7 +104,7 @@ def feature_choice(scores: Float[Array, "b f"], capacity: int | Int[Array, "f"],
     Sparse Autoencoders", arXiv 2411.02124; Zhou et al. 2022, "Mixture-of-Experts with
     Expert Choice Routing", arXiv 2202.09368.
   """
-  _validation.check_scores(scores)
+  validation.check_scores(scores)
   b, f = scores.shape
   entries = _select(scores, capacity, max_capacity, feature_major=False)
   return _mask(entries, (b, f), feature_major=False)
@@ -130,7 +130,7 @@ def feature_choice_fb(scores_FxB: Float[Array, "f b"], capacity: int | Int[Array
   References:
     Ayonrinde 2024, arXiv 2411.02124.
   """
-  _validation.check_scores(scores_FxB, "scores_FxB", "[features, tokens]")
+  validation.check_scores(scores_FxB, "scores_FxB", "[features, tokens]")
   entries = _select(scores_FxB, capacity, max_capacity, feature_major=True)
   return _mask(entries, scores_FxB.shape, feature_major=True)
 
@@ -154,7 +154,7 @@ def feature_choice_ranked(scores: Float[Array, "b f"], profile, feature_of_rank:
   References:
     Ayonrinde 2024, arXiv 2411.02124.
   """
-  _validation.check_scores(scores)
+  validation.check_scores(scores)
   b, f = scores.shape
   prof = np.asarray(profile)
   if prof.shape != (f,) or not np.issubdtype(prof.dtype, np.integer):
@@ -202,7 +202,7 @@ def _top_tokens(scores, feature_major: bool, feats, width, cap_of_feat) -> _Entr
     sub = scores
   else:
     sub = scores[feats] if feature_major else scores[:, feats]
-  select = _grouped.rows_topk if feature_major else _grouped.cols_topk
+  select = grouped.rows_topk if feature_major else grouped.cols_topk
   _, tok_FxW = select(sub, width)
   feat_FxW = jnp.broadcast_to(feats[:, None].astype(tok_FxW.dtype), tok_FxW.shape)
   keep = None if cap_of_feat is None else jnp.arange(width)[None, :] < cap_of_feat[:, None]
