@@ -45,7 +45,7 @@ class StreamedBatches:
 
   def __init__(self, activation_fn: ActivationFn, token_ids, batch_size: int, seed: int, *,
                block_sequences: int = 256, sub_batch: int = 8, skip_first: int = 0):
-    token_ids = np.asarray(token_ids) if not isinstance(token_ids, np.ndarray) else token_ids
+    token_ids = np.asarray(token_ids)  # no copy for an array or a memory map
     if token_ids.ndim != 2 or not np.issubdtype(token_ids.dtype, np.integer):
       raise ValueError(f"token_ids must be a 2-D integer array [sequences, t]; got shape "
                        f"{token_ids.shape} and dtype {token_ids.dtype}.")
