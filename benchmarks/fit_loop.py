@@ -17,6 +17,14 @@ written to disk included); the bare loop's window likewise holds steps 2..N, so 
 sides count the same N - 1 steps. Rounds interleave the two, and the headline ratio is
 the median over rounds of (fit tokens/s / bare tokens/s).
 
+Round lengths follow ``loop.RunConfig``'s defaults, so a round holds the host work a
+default run does: metrics fetched every ``log_every`` (10) steps, and one checkpoint per
+round as a default run writes one per ``checkpoint_every`` (500) steps. At the small
+shape a round is one such interval (500 steps, about 8 s). At the big shape an interval
+would take about 15 minutes per round, so a round holds 20 steps (about 30 s) and the
+one save weighs 25 times more than in a run; ``fit_vs_bare_step_to_last_step`` gives the
+ratio without the wait for that save.
+
 Run:
   python -m benchmarks.fit_loop            # both shapes, 5 rounds
   python -m benchmarks.fit_loop --quick    # tiny shapes, a smoke run
@@ -47,6 +55,10 @@ from sae_jax.training import train_state
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 # Distinct batches fed in turn; more would only cost memory.
 N_BATCHES = 4
+# fit's defaults: a metrics fetch every LOG_EVERY steps, a checkpoint every
+# CHECKPOINT_EVERY steps.
+_DEFAULT_RUN = loop.RunConfig(steps=1)
+LOG_EVERY, CHECKPOINT_EVERY = _DEFAULT_RUN.log_every, _DEFAULT_RUN.checkpoint_every
 
 
 class Shape(NamedTuple):
@@ -59,8 +71,9 @@ class Shape(NamedTuple):
   steps: int
 
 
-SHAPES = {"big": Shape(tokens=4096, d_model=768, features=32768, k=32, steps=6),
-          "small": Shape(tokens=512, d_model=384, features=1536, k=32, steps=200)}
+SHAPES = {"big": Shape(tokens=4096, d_model=768, features=32768, k=32, steps=20),
+          "small": Shape(tokens=512, d_model=384, features=1536, k=32,
+                         steps=CHECKPOINT_EVERY)}
 QUICK_SHAPES = {"big": Shape(tokens=256, d_model=64, features=1024, k=8, steps=6),
                 "small": Shape(tokens=64, d_model=32, features=256, k=4, steps=40)}
 # Shape name -> headline key in the JSON (and in bench.json).
@@ -215,10 +228,12 @@ def main(argv=None) -> dict:
   parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
   parser.add_argument("--allocation", default="topk", choices=model.ALLOCATIONS)
   parser.add_argument("--steps", type=int, default=None,
-                      help="steps per round at the big shape (default 6)")
+                      help="steps per round at the big shape (default 20)")
   parser.add_argument("--small-steps", type=int, default=None,
-                      help="steps per round at the small shape (default 200)")
-  parser.add_argument("--log-every", type=int, default=50)
+                      help="steps per round at the small shape (default: RunConfig's "
+                           "checkpoint_every, 500)")
+  parser.add_argument("--log-every", type=int, default=LOG_EVERY,
+                      help="fit's metrics interval (default: RunConfig's, 10)")
   parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
   parser.add_argument("--quick", action="store_true", help="tiny shapes for a smoke run")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",

@@ -1,6 +1,6 @@
 """Numbered Orbax checkpoints of a state pytree plus a JSON metadata dict.
 
-Each checkpoint holds the state (``ocp.args.StandardSave``, item ``state``) and a JSON dict
+Each checkpoint holds the state (``ocp.args.PyTreeSave``, item ``state``) and a JSON dict
 (``ocp.args.JsonSave``, item ``meta``) under one integer id in ``directory/<id>/``,
 managed by ``ocp.CheckpointManager``: the newest ``keep`` are kept (plus any ids in
 ``preserve``), and finalisation is atomic, so a process killed while saving leaves the
@@ -11,6 +11,10 @@ What the callers need on top of Orbax:
 * Asynchronous saves (``asynchronous=True``): ``save`` returns once the arrays are copied
   off the devices (so the state may be donated afterwards) and the files are written in
   the background; ``wait`` and ``close`` block until every pending save is on disk.
+* Arrays are written uncompressed unless ``compress=True``. Orbax's default zstd saves
+  little on float32 weights (8 % on a 600 MB state of normal samples) and doubles the time a
+  save takes (0.31 s -> 0.61 s for that state on 2 cores, 0.74 s -> 2.0 s on a cold
+  cache). Either kind restores, whatever the flag.
 * Typed PRNG keys are stored as their raw key data and re-wrapped on restore.
 * An optional SHA-256 digest of every array (``digest=True``), stored in the metadata
   under the reserved key ``"_sha256"`` and checked on restore (whenever a checkpoint has
@@ -80,6 +84,18 @@ def _abstract_storable(target):
   return jax.tree.map(one, target)
 
 
+def _restore_args(storable):
+  """Orbax restore arguments placing each array with its target's sharding.
+
+  The target tree gives Orbax the shapes, which it enforces (no padding or truncation),
+  and the dtypes, to which it casts.
+  """
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(
+      lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding if t.sharding is not None
+                                     else default), storable)
+
+
 def _from_storable(stored, target):
   return jax.tree.map(
       lambda s, t: jax.random.wrap_key_data(s, impl=_key_impl(t)) if _is_key(t) else s,
@@ -119,6 +135,7 @@ class Checkpointer:
     preserve: ids never deleted, whatever their age.
     asynchronous: ``save`` returns before the files are written (see ``save``).
     digest: store a SHA-256 digest of the state with every checkpoint.
+    compress: write the arrays zstd-compressed (smaller files, slower saves).
 
   Attributes:
     directory: absolute ``pathlib.Path`` of the checkpoint folder.
@@ -126,7 +143,7 @@ class Checkpointer:
 
   def __init__(self, directory: str | os.PathLike, keep: int = 2, *,
                preserve: Sequence[int] = (), asynchronous: bool = False,
-               digest: bool = False):
+               digest: bool = False, compress: bool = False):
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
       raise ValueError(f"keep must be an int >= 1 (checkpoints kept), got {keep!r}.")
     preserve = list(preserve)
@@ -139,7 +156,9 @@ class Checkpointer:
                                              policies.CustomSteps(preserve)])
     self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
         preservation_policy=policy, create=True,
-        enable_async_checkpointing=self.asynchronous))
+        enable_async_checkpointing=self.asynchronous), item_handlers={
+            "state": ocp.PyTreeCheckpointHandler(use_compression=bool(compress)),
+            "meta": ocp.JsonCheckpointHandler()})
     self._newest = self.latest_step()
 
   def steps(self) -> list[int]:
@@ -188,7 +207,7 @@ class Checkpointer:
     if self.digest:
       meta[DIGEST_KEY] = tree_digest(state)
     self._manager.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_to_storable(state)), meta=ocp.args.JsonSave(meta)))
+        state=ocp.args.PyTreeSave(_to_storable(state)), meta=ocp.args.JsonSave(meta)))
     self._newest = int(step)
     if not self.asynchronous:
       self._manager.wait_until_finished()
@@ -260,7 +279,8 @@ class Checkpointer:
     storable = _abstract_storable(target)
     try:
       stored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(storable)))["state"]
+          state=ocp.args.PyTreeRestore(storable, restore_args=_restore_args(storable))
+      ))["state"]
     except Exception as e:
       raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: "
                             f"{str(e)[:300]}); was it written for another model or config? "
