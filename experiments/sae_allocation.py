@@ -42,11 +42,13 @@ runs any preset on a local GPT-2 or GPT-NeoX / Pythia model.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import dataclasses
 import json
 import os
 import pathlib
 import shlex
+import shutil
 import sys
 import time
 
@@ -234,12 +236,25 @@ def training_curve(run_dir: pathlib.Path, batch_size: int) -> list[dict]:
 
 
 def train_and_evaluate(args, preset: Preset, source: sources_lib.Source, name: str, cfg, tcfg,
-                       seed: int, out: pathlib.Path) -> dict:
-  """One run: trained (or resumed), evaluated, exported; its row is kept on disk."""
+                       seed: int, out: pathlib.Path) -> tuple[dict, bool]:
+  """One run: trained (or resumed), evaluated, exported; its row is kept on disk.
+
+  Returns the row and whether it was trained by this call (False: found on disk).
+  """
   run_name = name if len(preset.seeds) == 1 else f"{name}-s{seed}"
   path = row_path(out, preset, source.name, name, seed)
+  run_dir = out / "runs" / source.name / run_name
+  digest = capacity_digest(cfg, preset.batch_size)
   if path.exists():
-    return json.loads(path.read_text())
+    row = json.loads(path.read_text())
+    if row.get("capacity_digest") == digest:
+      return row, False
+    # A Feature Choice run trained with other capacities than the library gives this
+    # config now is another experiment: it is trained again, from scratch.
+    print(f"{source.name} {run_name}: its row was trained with other Feature Choice "
+          "capacities; training it again", file=sys.stderr, flush=True)
+    path.unlink()
+    shutil.rmtree(run_dir, ignore_errors=True)
   t_run = time.perf_counter()
   batches = ScaledBatches(source.make_batches(preset.batch_size, seed), source.scale)
   rcfg = loop.RunConfig(steps=preset.steps, seed=seed,
@@ -247,11 +262,12 @@ def train_and_evaluate(args, preset: Preset, source: sources_lib.Source, name: s
                         log_every=max(1, min(50, preset.steps // 8)), keep=1,
                         progress=not args.quiet)
   init_sample = source.init_sample * np.float32(source.scale)
-  run_dir = out / "runs" / source.name / run_name
   state, _ = loop.fit(run_dir, cfg, tcfg, rcfg, batches, init_sample=init_sample)
   row = {"name": name, "source": source.name, "seed": seed, "strategy": cfg.allocation,
          "aux_loss": tcfg.aux_loss, "k": cfg.k, "d_sae": cfg.d_sae, "steps": preset.steps,
          "batch_size": preset.batch_size}
+  if digest is not None:
+    row["capacity_digest"] = digest
   row.update(evaluate_run(state, cfg, preset, source))
   row["train_seconds"] = time.perf_counter() - t_run
   row["curve"] = training_curve(run_dir, preset.batch_size)
@@ -269,7 +285,7 @@ def train_and_evaluate(args, preset: Preset, source: sources_lib.Source, name: s
   tmp = path.with_suffix(".json.tmp")
   tmp.write_text(json.dumps(row))
   os.replace(tmp, path)
-  return row
+  return row, True
 
 
 def main(argv=None) -> dict:
@@ -337,23 +353,41 @@ def main(argv=None) -> dict:
           if cfg.k in k_block and (not args.only or run_name in args.only):
             plan.append((source, run_name, cfg, tcfg, seed))
   rows = []
+  written = False
   for i, (source, run_name, cfg, tcfg, seed) in enumerate(plan):
-    row = train_and_evaluate(args, preset, source, run_name, cfg, tcfg, seed, out)
+    row, trained_now = train_and_evaluate(args, preset, source, run_name, cfg, tcfg, seed,
+                                          out)
     rows.append(row)
     if not args.quiet or args.log_runs:
       print(f"[{i + 1}/{len(plan)}] {source.name} {run_name} seed {seed}: "
             f"fvu={row['fvu']:.4f} l0={row['l0_mean']:.2f} dead={row['dead_fraction']:.3f}",
             flush=True)
-    result = _result(args, command, preset, sources, rows, t_data,
-                     time.perf_counter() - t0, len(plan))
-    write_outputs(result, out)
+    # Outputs (tables and plots, seconds each) are rewritten after every run trained in
+    # this sitting; rows found on disk are only collected.
+    written = trained_now
+    if trained_now:
+      write_outputs(_result(args, command, preset, sources, rows, t_data,
+                            time.perf_counter() - t0, len(plan)), out)
   result = _result(args, command, preset, sources, rows, t_data, time.perf_counter() - t0,
                    len(plan))
-  if not rows:
+  if not written:
     write_outputs(result, out)
   if not args.quiet:
     print((out / "results.md").read_text())
   return result
+
+
+def capacity_digest(cfg, batch_size: int) -> str | None:
+  """A short hash of the per-feature capacities a Feature Choice run trains with.
+
+  Kept in each Feature Choice row, so that a row trained under another capacity rule is
+  recognised and trained again rather than reported beside runs it cannot be compared
+  with. ``None`` for the other allocations.
+  """
+  if cfg.allocation not in model.FEATURE_CHOICE:
+    return None
+  caps = np.ascontiguousarray(model.feature_capacities(cfg, batch_size), dtype=np.int32)
+  return hashlib.sha256(caps.tobytes()).hexdigest()[:16]
 
 
 def row_path(out: pathlib.Path, preset: Preset, source: str, name: str, seed: int

@@ -141,7 +141,10 @@ def feature_capacities(cfg: SAEConfig, batch_size: int) -> np.ndarray:
   Returns:
     Non-increasing int array ``[f]`` summing to ``round(k * b)``, each entry at
     most ``b``: uniform for ``"feature_choice"``, Zipf with exponent
-    ``cfg.zipf_exponent`` for ``"feature_choice_zipf"``.
+    ``cfg.zipf_exponent`` for ``"feature_choice_zipf"``. Whenever the budget has
+    at least one slot per feature, every entry is at least 1: the Zipf tail is
+    floored at 1 rather than rounded to 0, since a feature of capacity 0 could
+    never fire (1 <= m_f <= b, as the paper's constraints require).
 
   Raises:
     ValueError: if ``cfg.allocation`` is not a Feature Choice rule.
@@ -154,7 +157,8 @@ def feature_capacities(cfg: SAEConfig, batch_size: int) -> np.ndarray:
   if cfg.allocation == "feature_choice":
     return allocation.zipf_capacities(cfg.d_sae, total, exponent=0.0)
   return allocation.zipf_capacities(
-      cfg.d_sae, total, exponent=cfg.zipf_exponent, max_capacity=batch_size)
+      cfg.d_sae, total, exponent=cfg.zipf_exponent, max_capacity=batch_size,
+      min_capacity=1 if total >= cfg.d_sae else 0)
 
 
 def _check_params(params: SAEParams, cfg: SAEConfig) -> None:

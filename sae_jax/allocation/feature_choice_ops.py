@@ -249,20 +249,27 @@ def _tiered(scores, feature_major: bool, profile: np.ndarray, feature_of_rank: A
 
 
 def zipf_capacities(num_features: int, total: int, exponent: float = 1.0, *,
-                    max_capacity: int | None = None) -> np.ndarray:
+                    max_capacity: int | None = None, min_capacity: int = 0) -> np.ndarray:
   """Integer per-feature capacities following a Zipf law, summing exactly to ``total``.
 
   Capacity of the feature at rank r (1-based) is proportional to ``r ** -exponent``;
   ``exponent=0`` gives the uniform split. Rounding is largest-remainder (ties to the lower
   rank), which keeps the result non-increasing. With ``max_capacity`` (e.g. the number
   of tokens in a batch), capacities above the cap are clipped and the excess is
-  redistributed over the other features in proportion to their Zipf weights.
+  redistributed over the other features in proportion to their Zipf weights. With
+  ``min_capacity`` the tail is raised to that floor the same way (the features that
+  would round below it get the floor; the rest is re-split in Zipf proportion), so that
+  no feature is left without capacity, and so dead by construction, when the budget is
+  small: at k=8, b=512 and 1536 features, the unfloored 1/r law gives 451 features a
+  capacity of 0.
 
   Args:
     num_features: number of features f >= 1.
-    total: total budget, e.g. ``k * b``; ``0 <= total <= f * max_capacity``.
+    total: total budget, e.g. ``k * b``;
+      ``f * min_capacity <= total <= f * max_capacity``.
     exponent: Zipf exponent s >= 0.
     max_capacity: optional per-feature cap.
+    min_capacity: per-feature floor, ``0 <= min_capacity`` (``<= max_capacity``).
 
   Returns:
     NumPy int32 array ``[num_features]``, non-increasing, summing to ``total``. Assign
@@ -285,11 +292,37 @@ def zipf_capacities(num_features: int, total: int, exponent: float = 1.0, *,
     if total > num_features * cap:
       raise ValueError(f"total={total} cannot fit in {num_features} features of max_capacity="
                        f"{cap}; raise max_capacity or lower total.")
+  lo = min_capacity
+  if isinstance(lo, bool) or not isinstance(lo, numbers.Integral) or lo < 0:
+    raise ValueError(f"min_capacity must be an integer >= 0; got {lo!r}.")
+  if cap is not None and lo > cap:
+    raise ValueError(f"min_capacity={lo} exceeds max_capacity={cap}; lower min_capacity.")
+  if total < num_features * lo:
+    raise ValueError(f"total={total} cannot give {num_features} features min_capacity={lo} "
+                     f"each; lower min_capacity or raise total.")
   weights = np.arange(1, num_features + 1, dtype=np.float64) ** (-float(exponent))
-  out = np.zeros(num_features, dtype=np.int64)
-  free = np.ones(num_features, dtype=bool)
-  remaining = total
+  # The features that would round under the floor (a suffix, since the split is
+  # non-increasing) are pinned at it and the rest is split again, until none does; pinning
+  # only lowers the others' shares, so the pinned suffix only grows. A split that already
+  # rounds to the floor or above is left exactly as it is.
+  floored = num_features
   while True:
+    out = np.full(num_features, lo, dtype=np.int64)
+    out[:floored] = _capped_split(weights[:floored], total - lo * (num_features - floored),
+                                  cap)
+    below = np.flatnonzero(out[:floored] < lo)
+    if lo == 0 or below.size == 0:
+      return out.astype(np.int32)
+    floored = int(below[0])
+
+
+def _capped_split(weights: np.ndarray, total: int, cap: int | None) -> np.ndarray:
+  """``total`` split in proportion to ``weights`` (non-increasing), each share at most
+  ``cap``, rounded by largest remainder (ties to the lower rank)."""
+  out = np.zeros(len(weights), dtype=np.int64)
+  free = np.ones(len(weights), dtype=bool)
+  remaining = total
+  while free.any():
     ideal = remaining * weights[free] / weights[free].sum()
     if cap is not None and np.any(ideal > cap):
       # Water-filling: the features whose share exceeds the cap are pinned at the cap,
@@ -306,6 +339,6 @@ def zipf_capacities(num_features: int, total: int, exponent: float = 1.0, *,
     base[order[:short]] += 1
     out[free] = base
     break
-  return out.astype(np.int32)
+  return out
 
 

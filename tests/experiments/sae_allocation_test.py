@@ -86,6 +86,30 @@ class SaeAllocationSmokeTest(absltest.TestCase):
       self.assertGreater((out / "fvu_vs_l0_synthbench.png").stat().st_size, 1000)
       self.assertIn("## synthbench", (out / "results.md").read_text())
 
+  def test_row_of_other_feature_choice_capacities_is_trained_again(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      out = pathlib.Path(tmp) / "out"
+      argv = ["--preset", "smoke", "--sources", "synthbench", "--out", str(out), "--cache",
+              str(pathlib.Path(tmp) / "cache"), "--quiet", "--only",
+              "feature_choice_zipf-none-k8", "topk-none-k8"]
+      first = {r["name"]: r for r in sae_allocation.main(argv)["runs"]}
+      fc = first["feature_choice_zipf-none-k8"]
+      self.assertEqual(len(fc["capacity_digest"]), 16)
+      self.assertNotIn("capacity_digest", first["topk-none-k8"])
+      # A row written under another capacity rule (here: no digest, as before digests
+      # were kept) is recognised as another experiment and trained again; TopK's is kept.
+      path = out / "rows" / "synthbench" / "feature_choice_zipf-none-k8.json"
+      stale = dict(fc, fvu=-1.0)
+      del stale["capacity_digest"]
+      path.write_text(json.dumps(stale))
+      again = {r["name"]: r for r in sae_allocation.main(argv)["runs"]}
+      self.assertEqual(again["feature_choice_zipf-none-k8"]["capacity_digest"],
+                       fc["capacity_digest"])
+      self.assertGreaterEqual(again["feature_choice_zipf-none-k8"]["fvu"], 0.0)
+      self.assertEqual(again["topk-none-k8"]["train_seconds"],
+                       first["topk-none-k8"]["train_seconds"])
+      self.assertEqual(json.loads(path.read_text())["capacity_digest"], fc["capacity_digest"])
+
   def test_rows_from_refuses_rows_of_another_configuration(self):
     with tempfile.TemporaryDirectory() as tmp:
       earlier = pathlib.Path(tmp) / "results.json"

@@ -248,6 +248,33 @@ class ZipfCapacitiesTest(parameterized.TestCase):
     self.assertLessEqual(int(cap.max()), max_capacity)
     self.assertTrue(np.all(np.diff(cap) <= 0))
 
+  @parameterized.product(f=(300, 1024, 1536), k=(4, 8, 16), exponent=(0.5, 1.0, 2.0))
+  def test_min_capacity_floors_the_tail(self, f, k, exponent):
+    b = 512
+    cap = allocation.zipf_capacities(f, k * b, exponent, max_capacity=b, min_capacity=1)
+    self.assertEqual(int(cap.sum()), k * b)
+    self.assertGreaterEqual(int(cap.min()), 1)
+    self.assertLessEqual(int(cap.max()), b)
+    self.assertTrue(np.all(np.diff(cap) <= 0))
+    plain = allocation.zipf_capacities(f, k * b, exponent, max_capacity=b)
+    if plain.min() >= 1:  # a split that already rounds to >= 1 is left exactly as it is
+      np.testing.assert_array_equal(cap, plain)
+    else:  # the slots the floor takes come from the head, never added to it
+      self.assertTrue(np.all(cap[plain >= 1] <= plain[plain >= 1]))
+
+  def test_min_capacity_golden(self):
+    # 10 over ranks 1..8 with weights 1/r (sum 2.718): ideal 3.68, 1.84, 1.23, 0.92, 0.74,
+    # 0.61, 0.53, 0.46 rounds (largest remainder) to [4, 2, 1, 1, 1, 1, 0, 0]. Floored at
+    # 1: ranks 7-8 are pinned and 8 is re-split over ranks 1..6 -> [3, 2, 1, 1, 1, 0];
+    # rank 6 is pinned and 7 is re-split over ranks 1..5 (3.07, 1.53, 1.02, 0.77, 0.61)
+    # -> [3, 1, 1, 1, 1].
+    np.testing.assert_array_equal(allocation.zipf_capacities(8, 10, 1.0),
+                                  [4, 2, 1, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(allocation.zipf_capacities(8, 10, 1.0, min_capacity=1),
+                                  [3, 1, 1, 1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(
+        allocation.zipf_capacities(3, 6, 5.0, min_capacity=2), [2, 2, 2])
+
   def test_golden(self):
     # 37 split over ranks 1..4 with weights 1, 1/2, 1/3, 1/4 (sum 25/12): ideal shares
     # 17.76, 8.88, 5.92, 4.44 -> floors 17, 8, 5, 4 (34) + the 3 largest remainders.
@@ -263,6 +290,12 @@ class ZipfCapacitiesTest(parameterized.TestCase):
       allocation.zipf_capacities(4, 10, -1.0)
     with self.assertRaisesRegex(ValueError, "max_capacity"):
       allocation.zipf_capacities(4, 10, max_capacity=2)
+    with self.assertRaisesRegex(ValueError, "min_capacity"):
+      allocation.zipf_capacities(4, 10, min_capacity=3)
+    with self.assertRaisesRegex(ValueError, "min_capacity=3 exceeds max_capacity=2"):
+      allocation.zipf_capacities(4, 8, max_capacity=2, min_capacity=3)
+    with self.assertRaisesRegex(ValueError, "min_capacity"):
+      allocation.zipf_capacities(4, 8, min_capacity=-1)
 
 
 class ThresholdTest(chex.TestCase):

@@ -1,5 +1,6 @@
 """Tests for sae_jax.model: config validation, allocation dispatch, forward pass, module."""
 
+import dataclasses
 import functools
 
 import chex
@@ -176,8 +177,12 @@ class ForwardTest(parameterized.TestCase):
     elif name == "feature_choice":
       np.testing.assert_array_equal(mask.sum(axis=0), allocation.zipf_capacities(F, 9, 0.0))
     elif name == "feature_choice_zipf":
+      # 9 slots over 8 features: every feature gets at least 1 (the plain 1/r split
+      # would round ranks 7-8 to 0).
       np.testing.assert_array_equal(
-          mask.sum(axis=0), allocation.zipf_capacities(F, 9, 1.0, max_capacity=B))
+          mask.sum(axis=0),
+          allocation.zipf_capacities(F, 9, 1.0, max_capacity=B, min_capacity=1))
+      self.assertEqual(int(mask.sum(axis=0).min()), 1)
     else:
       np.testing.assert_array_equal(mask, pre > 0)
       self.assertGreater(int(mask.sum()), 0)
@@ -199,6 +204,21 @@ class ForwardTest(parameterized.TestCase):
     self.assertTrue(np.all(np.diff(zipf) <= 0))
     with self.assertRaisesRegex(ValueError, "allocation.*'topk'"):
       feature_capacities(_cfg("topk"), 6)
+
+  def test_zipf_capacities_leave_no_feature_without_capacity(self):
+    # k * b = 4096 slots over 1536 features: the plain 1/r split rounds 451 of them to 0,
+    # which would make them dead by construction.
+    cfg = SAEConfig(d_model=4, d_sae=1536, allocation="feature_choice_zipf", k=8)
+    caps = feature_capacities(cfg, 512)
+    self.assertEqual(int(caps.sum()), 8 * 512)
+    self.assertEqual(int(caps.min()), 1)
+    self.assertLessEqual(int(caps.max()), 512)
+    self.assertEqual(int((allocation.zipf_capacities(1536, 4096, 1.0, max_capacity=512) == 0)
+                         .sum()), 451)
+    # Fewer slots than features: some feature must get nothing, and the split stays exact.
+    small = feature_capacities(dataclasses.replace(cfg, k=0.5), 512)
+    self.assertEqual(int(small.sum()), 256)
+    self.assertEqual(int(small.min()), 0)
 
   def test_explicit_capacity_no_recompilation(self):
     cfg = _cfg("feature_choice_zipf", k=1.5)
