@@ -33,6 +33,9 @@ def holds(low: float, high: float, sign: int) -> str:
   """Verdict of a claim that a difference has sign ``sign`` (+1 or -1), from its interval."""
   if math.isnan(low):
     return "undecided (one seed)"
+  if low == 0.0 and high == 0.0:
+    # Every paired difference is exactly 0 (e.g. no feature dead in either arm).
+    return "tie (equal on every seed)"
   if sign * low > 0 and sign * high > 0:
     return "holds"
   if sign * low < 0 and sign * high < 0:

@@ -50,7 +50,8 @@ class VerdictTest(absltest.TestCase):
     # The trainer's own dead counter comes from the last point of the training curve.
     train_dead = by[("mutual_choice has fewer dead features than TopK (dead in training)",
                      "mutual_choice − topk, no aux")]
-    self.assertEqual((train_dead["mean"], train_dead["verdict"]), (0.0, "not shown (CI spans 0)"))
+    self.assertEqual((train_dead["mean"], train_dead["verdict"]),
+                     (0.0, "tie (equal on every seed)"))
 
   def test_mutual_choice_equals_batch_topk_row(self):
     rows = [dict(_row("mutual_choice", "none", s, 0.1, 0.2), mc_equals_batch_topk=v)
@@ -65,6 +66,8 @@ class VerdictTest(absltest.TestCase):
     self.assertEqual(reporting.holds(-2.0, -1.0, -1), "holds")
     self.assertEqual(reporting.holds(1.0, 2.0, -1), "opposite holds")
     self.assertEqual(reporting.holds(-1.0, 1.0, -1), "not shown (CI spans 0)")
+    self.assertEqual(reporting.holds(0.0, 0.0, -1), "tie (equal on every seed)")
+    self.assertEqual(reporting.holds(-0.0, 1e-9, -1), "not shown (CI spans 0)")
     self.assertEqual(reporting.holds(math.nan, math.nan, 1), "undecided (one seed)")
 
 
