@@ -42,8 +42,8 @@ runs any preset on a local GPT-2 or GPT-NeoX / Pythia model.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
