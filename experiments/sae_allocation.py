@@ -62,6 +62,7 @@ import numpy as np
 from experiments import reporting
 from experiments import sae_report as report
 from experiments import sae_sources as sources_lib
+from sae_jax import metrics
 from sae_jax import model
 from sae_jax.evaluation import evaluate
 from sae_jax.evaluation import export
@@ -235,19 +236,72 @@ def training_curve(run_dir: pathlib.Path, batch_size: int) -> list[dict]:
   return curve
 
 
+def _seek(batches, index: int) -> None:
+  """Moves a batch iterator of the trainer's state/restore protocol to batch ``index``."""
+  state = batches.state()
+  key = next((k for k in ("step", "index") if k in state), None)
+  if key is None:
+    raise ValueError(f"cannot seek a batch iterator whose state has no 'step' or 'index' "
+                     f"(keys: {sorted(state)}).")
+  batches.restore({**state, key: index})
+
+
+def final_model_nmse(params, cfg, batches, steps) -> list[float]:
+  """NMSE of ``params`` on the training batches behind the curve's points at ``steps``.
+
+  The curve's point at step ``s`` is the training NMSE of batch ``s - 1`` (0-based), so
+  ``batches`` (a fresh iterator of the run's data, scaled as in training) is moved there
+  for each point. With the run's final parameters this is the batch's difficulty for a
+  fixed model: dividing the curve by it removes what the data order alone does to the
+  curve (stores whose shards differ in content give eighths of training that differ).
+  """
+  nmse = jax.jit(lambda p, x: metrics.normalized_mse(model.forward(p, x, cfg).recon, x))
+  out = []
+  for s in steps:
+    _seek(batches, int(s) - 1)
+    out.append(float(nmse(params, jnp.asarray(next(batches)))))
+  return out
+
+
+def add_final_nmse(curve: list[dict], params, cfg, batches, batch_size: int) -> list[dict]:
+  """The curve with ``nmse_final`` (see ``final_model_nmse``) at each point."""
+  steps = [p["tokens"] // batch_size for p in curve]
+  finals = final_model_nmse(params, cfg, batches, steps)
+  return [{**p, "nmse_final": f} for p, f in zip(curve, finals)]
+
+
 def train_and_evaluate(args, preset: Preset, source: sources_lib.Source, name: str, cfg, tcfg,
                        seed: int, out: pathlib.Path) -> tuple[dict, bool]:
   """One run: trained (or resumed), evaluated, exported; its row is kept on disk.
 
-  Returns the row and whether it was trained by this call (False: found on disk).
+  Returns the row and whether it was trained by this call (False: found on disk). A row
+  found without the final model's NMSE along its curve gets it from the run's final
+  checkpoint when that is still on disk (seconds; the row file is updated).
   """
   run_name = name if len(preset.seeds) == 1 else f"{name}-s{seed}"
   path = row_path(out, preset, source.name, name, seed)
   run_dir = out / "runs" / source.name / run_name
   digest = capacity_digest(cfg, preset.batch_size)
+  make_batches = lambda: ScaledBatches(source.make_batches(preset.batch_size, seed),
+                                       source.scale)
+  rcfg = loop.RunConfig(steps=preset.steps, seed=seed,
+                        checkpoint_every=max(preset.steps // 4, 1),
+                        log_every=max(1, min(50, preset.steps // 8)), keep=1,
+                        progress=not args.quiet)
+  init_sample = source.init_sample * np.float32(source.scale)
   if path.exists():
     row = json.loads(path.read_text())
     if row.get("capacity_digest") == digest:
+      curve = row.get("curve") or []
+      final = run_dir / "checkpoints" / str(preset.steps)
+      if not curve or "nmse_final" in curve[0] or not final.exists():
+        return row, False
+      # The finished run's checkpoint gives its final parameters (fit trains no step).
+      state, _ = loop.fit(run_dir, cfg, tcfg, dataclasses.replace(rcfg, progress=False),
+                          make_batches(), init_sample=init_sample)
+      row["curve"] = add_final_nmse(curve, state.params, cfg, make_batches(),
+                                    preset.batch_size)
+      _write_row(path, row)
       return row, False
     # A Feature Choice run trained with other capacities than the library gives this
     # config now is another experiment: it is trained again, from scratch.
@@ -256,13 +310,7 @@ def train_and_evaluate(args, preset: Preset, source: sources_lib.Source, name: s
     path.unlink()
     shutil.rmtree(run_dir, ignore_errors=True)
   t_run = time.perf_counter()
-  batches = ScaledBatches(source.make_batches(preset.batch_size, seed), source.scale)
-  rcfg = loop.RunConfig(steps=preset.steps, seed=seed,
-                        checkpoint_every=max(preset.steps // 4, 1),
-                        log_every=max(1, min(50, preset.steps // 8)), keep=1,
-                        progress=not args.quiet)
-  init_sample = source.init_sample * np.float32(source.scale)
-  state, _ = loop.fit(run_dir, cfg, tcfg, rcfg, batches, init_sample=init_sample)
+  state, _ = loop.fit(run_dir, cfg, tcfg, rcfg, make_batches(), init_sample=init_sample)
   row = {"name": name, "source": source.name, "seed": seed, "strategy": cfg.allocation,
          "aux_loss": tcfg.aux_loss, "k": cfg.k, "d_sae": cfg.d_sae, "steps": preset.steps,
          "batch_size": preset.batch_size}
@@ -270,7 +318,8 @@ def train_and_evaluate(args, preset: Preset, source: sources_lib.Source, name: s
     row["capacity_digest"] = digest
   row.update(evaluate_run(state, cfg, preset, source))
   row["train_seconds"] = time.perf_counter() - t_run
-  row["curve"] = training_curve(run_dir, preset.batch_size)
+  row["curve"] = add_final_nmse(training_curve(run_dir, preset.batch_size), state.params, cfg,
+                                make_batches(), preset.batch_size)
   if seed == preset.seeds[0]:
     export_dir = out / "saes" / (name if len(preset.sources) == 1 else f"{source.name}-{name}")
     export.export_saelens(export_dir, state.params, cfg, layer=source.layer,
@@ -281,11 +330,15 @@ def train_and_evaluate(args, preset: Preset, source: sources_lib.Source, name: s
                           **(source.export_names or {}),
                           **({} if source.layer is not None
                              else {"source": f"synthbench:{preset.synthbench}"}))
+  _write_row(path, row)
+  return row, True
+
+
+def _write_row(path: pathlib.Path, row: dict) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".json.tmp")
   tmp.write_text(json.dumps(row))
   os.replace(tmp, path)
-  return row, True
 
 
 def main(argv=None) -> dict:

@@ -97,7 +97,25 @@ def flattening(curve: Sequence[dict], key: str = "nmse", decay_fraction: float =
   before the decay, the result is ``(a - b) / b``: about 0 for a curve that has
   flattened, 0.05 for one still falling 5 % per eighth of training.
   """
-  values = np.asarray([p[key] for p in curve], np.float64)
+  return _flattening(np.asarray([p[key] for p in curve], np.float64), decay_fraction)
+
+
+def adjusted_flattening(curve: Sequence[dict], decay_fraction: float = 0.2) -> float:
+  """``flattening`` of the training NMSE divided by the final model's NMSE on each batch.
+
+  Every point of the training curve is one batch. Where batches differ in difficulty by
+  where they come from (a store whose shards differ in content, read in a seeded shard
+  order), the raw curve moves with the data order; ``nmse_final`` (the run's final
+  parameters on the same batch) moves with it too, so the ratio keeps only what training
+  changed. NaN for a curve without ``nmse_final`` (rows trained before it was kept).
+  """
+  if not curve or any(not p.get("nmse_final", 0) > 0 for p in curve):
+    return math.nan
+  ratio = np.asarray([p["nmse"] / p["nmse_final"] for p in curve], np.float64)
+  return _flattening(ratio, decay_fraction)
+
+
+def _flattening(values: np.ndarray, decay_fraction: float) -> float:
   stop = int(round(len(values) * (1.0 - decay_fraction)))
   eighth = len(values) // 8
   if eighth < 1 or stop - 2 * eighth < 0:
@@ -120,14 +138,17 @@ def _source_table(by_key: dict, source: str) -> list[str]:
   keys = sorted((k for k in by_key if k[0] == source), key=_sort_key)
   present = [c for c in COLUMNS if any(c[1] in r for k in keys for r in by_key[k].values())]
   lines = ["| strategy | aux | k | seeds | " + " | ".join(c[0] for c in present)
-           + " | flattening |",
-           "|" + "---|" * (5 + len(present))]
+           + " | flattening | flattening (adj.) |",
+           "|" + "---|" * (6 + len(present))]
   for key in keys:
     runs = [by_key[key][s] for s in sorted(by_key[key])]
     cells = [_mean_std([r[c[1]] for r in runs if c[1] in r], c[2]) for c in present]
     flat = [flattening(r["curve"]) for r in runs if r.get("curve")]
+    adj = [a for a in (adjusted_flattening(r.get("curve") or []) for r in runs)
+           if not math.isnan(a)]
     lines.append(f"| {key[1]} | {key[2]} | {key[3]} | {len(runs)} | " + " | ".join(cells)
-                 + f" | {_mean_std(flat, '{:+.3f}')} |")
+                 + f" | {_mean_std(flat, '{:+.3f}')} | {_mean_std(adj, '{:+.3f}')}"
+                 + ("" if len(adj) in (0, len(runs)) else f" ({len(adj)} seeds)") + " |")
   return lines
 
 
@@ -225,7 +246,10 @@ def markdown(result: dict) -> str:
             "held-out token (one-vs-rest, averaged); thr. = the "
             "calibrated batch-independent inference path (MC/FC); flattening = relative fall "
             "of the training NMSE between the two eighths of the run before the learning-rate "
-            "decay (0: flat).", ""]
+            "decay (0: flat); flattening (adj.) = the same for the training NMSE divided by "
+            "the final model's NMSE on the same batch, which removes the batches' own "
+            "difficulty (the data order) from the curve (empty for rows trained before it "
+            "was kept).", ""]
   for source in sorted({k[0] for k in by_key}):
     lines += [f"## {source}", ""] + _source_table(by_key, source) + [""]
   lines += ["## Verdicts", "",

@@ -6,10 +6,15 @@ import subprocess
 import sys
 import tempfile
 
+import numpy as np
 from absl.testing import absltest
 
 from experiments import sae_allocation
 from experiments import sae_report
+from sae_jax import model
+from sae_jax.data import synthetic
+from sae_jax.training import loop
+from sae_jax.training import train_state
 from tests.sae_jax import lm_test
 
 REQUIRED = ("strategy", "aux_loss", "k", "seed", "source", "l0_mean", "fvu", "nmse",
@@ -109,6 +114,44 @@ class SaeAllocationSmokeTest(absltest.TestCase):
       self.assertEqual(again["topk-none-k8"]["train_seconds"],
                        first["topk-none-k8"]["train_seconds"])
       self.assertEqual(json.loads(path.read_text())["capacity_digest"], fc["capacity_digest"])
+
+  def test_final_model_nmse_is_taken_on_the_logged_batches(self):
+    # With a learning rate too small to move the parameters, the final model is the model
+    # of every step, so its NMSE on the batch behind each logged point must equal the
+    # logged training NMSE; reading the batch one step off must not.
+    with tempfile.TemporaryDirectory() as tmp:
+      cfg = model.SAEConfig(d_model=8, d_sae=32, allocation="feature_choice_zipf", k=3)
+      tcfg = train_state.TrainConfig(learning_rate=1e-12, warmup_steps=1, total_steps=12)
+      rcfg = loop.RunConfig(steps=12, checkpoint_every=12, log_every=3, progress=False)
+      data = lambda: synthetic.SyntheticBatches(
+          synthetic.SyntheticConfig(d_model=8, num_features=24), batch_size=32, seed=0)
+      run_dir = pathlib.Path(tmp) / "run"
+      state, _ = loop.fit(run_dir, cfg, tcfg, rcfg, data(), init_sample=data().sample(64))
+      curve = sae_allocation.add_final_nmse(sae_allocation.training_curve(run_dir, 32),
+                                            state.params, cfg, data(), 32)
+      self.assertEqual([p["tokens"] for p in curve], [96, 192, 288, 384])
+      logged = np.array([p["nmse"] for p in curve])
+      np.testing.assert_allclose([p["nmse_final"] for p in curve], logged, rtol=1e-5)
+      off_by_one = sae_allocation.final_model_nmse(state.params, cfg, data(), [4, 7, 10, 13])
+      self.assertGreater(np.max(np.abs(np.array(off_by_one) / logged - 1)), 1e-3)
+
+  def test_finished_row_gets_the_final_model_nmse_from_its_checkpoint(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      out = pathlib.Path(tmp) / "out"
+      argv = ["--preset", "smoke", "--sources", "synthbench", "--out", str(out), "--cache",
+              str(pathlib.Path(tmp) / "cache"), "--quiet", "--only", "topk-none-k8"]
+      row = sae_allocation.main(argv)["runs"][0]
+      self.assertTrue(all(p["nmse_final"] > 0 for p in row["curve"]))
+      # A row kept before the final NMSE was recorded gets it again, without training.
+      path = out / "rows" / "synthbench" / "topk-none-k8.json"
+      old = dict(row, curve=[{k: v for k, v in p.items() if k != "nmse_final"}
+                             for p in row["curve"]])
+      path.write_text(json.dumps(old))
+      again = sae_allocation.main(argv)["runs"][0]
+      self.assertEqual(again["train_seconds"], row["train_seconds"])
+      np.testing.assert_allclose([p["nmse_final"] for p in again["curve"]],
+                                 [p["nmse_final"] for p in row["curve"]], rtol=1e-6)
+      self.assertIn("nmse_final", json.loads(path.read_text())["curve"][0])
 
   def test_rows_from_refuses_rows_of_another_configuration(self):
     with tempfile.TemporaryDirectory() as tmp:
