@@ -251,9 +251,7 @@ def final_model_nmse(params, cfg, batches, steps) -> list[float]:
 
   The curve's point at step ``s`` is the training NMSE of batch ``s - 1`` (0-based), so
   ``batches`` (a fresh iterator of the run's data, scaled as in training) is moved there
-  for each point. With the run's final parameters this is the batch's difficulty for a
-  fixed model: dividing the curve by it removes what the data order alone does to the
-  curve (stores whose shards differ in content give eighths of training that differ).
+  for each point.
   """
   nmse = jax.jit(lambda p, x: metrics.normalized_mse(model.forward(p, x, cfg).recon, x))
   out = []
@@ -263,45 +261,73 @@ def final_model_nmse(params, cfg, batches, steps) -> list[float]:
   return out
 
 
-def add_final_nmse(curve: list[dict], params, cfg, batches, batch_size: int) -> list[dict]:
-  """The curve with ``nmse_final`` (see ``final_model_nmse``) at each point."""
-  steps = [p["tokens"] // batch_size for p in curve]
-  finals = final_model_nmse(params, cfg, batches, steps)
-  return [{**p, "nmse_final": f} for p, f in zip(curve, finals)]
+def _run_config(preset: Preset, seed: int, progress: bool) -> loop.RunConfig:
+  return loop.RunConfig(steps=preset.steps, seed=seed,
+                        checkpoint_every=max(preset.steps // 4, 1),
+                        log_every=max(1, min(50, preset.steps // 8)), keep=1,
+                        progress=progress)
+
+
+def _make_batches(preset: Preset, source, seed: int) -> ScaledBatches:
+  return ScaledBatches(source.make_batches(preset.batch_size, seed), source.scale)
+
+
+def add_reference_nmse(out: pathlib.Path, preset: Preset, source, name: str, cfg, tcfg,
+                       rows: dict[int, dict]) -> bool:
+  """Adds ``nmse_ref`` along the training curve of every seed's row of one configuration.
+
+  Each curve point is the training NMSE of one batch, and batches differ in difficulty:
+  a store's shards differ in content (on MiniLM's store a fixed model's NMSE ranges over
+  0.21-0.28 from shard to shard) and a seed fixes their order. ``nmse_ref`` is the mean
+  NMSE of the same configuration's final models of the *other* seeds on that batch: a
+  fixed model's view of the batch's difficulty, which a curve can be divided by. A run's
+  own final model would not do: it fits the shards it saw last better than the rest.
+
+  Needs the final checkpoints of the other seeds (``runs/<source>/<run>/checkpoints``);
+  rows are rewritten in place. Returns whether any row changed.
+  """
+  todo = [seed for seed, row in rows.items()
+          if row.get("curve") and "nmse_ref" not in row["curve"][0]]
+  if not todo:
+    return False
+  params = {}
+  for seed in rows:
+    run_dir = out / "runs" / source.name / (name if len(preset.seeds) == 1 else f"{name}-s{seed}")
+    if (run_dir / "checkpoints" / str(preset.steps)).exists():
+      # A finished run's checkpoint gives its final parameters (fit trains no step).
+      state, _ = loop.fit(run_dir, cfg, tcfg, _run_config(preset, seed, False),
+                          _make_batches(preset, source, seed),
+                          init_sample=source.init_sample * np.float32(source.scale))
+      params[seed] = state.params
+  changed = False
+  for seed in todo:
+    others = sorted(s for s in params if s != seed)
+    if not others:
+      continue
+    row = rows[seed]
+    steps = [p["tokens"] // preset.batch_size for p in row["curve"]]
+    ref = np.mean([final_model_nmse(params[s], cfg, _make_batches(preset, source, seed), steps)
+                   for s in others], axis=0)
+    row["curve"] = [{**p, "nmse_ref": float(r)} for p, r in zip(row["curve"], ref)]
+    row["reference_seeds"] = others
+    _write_row(row_path(out, preset, source.name, name, seed), row)
+    changed = True
+  return changed
 
 
 def train_and_evaluate(args, preset: Preset, source: sources_lib.Source, name: str, cfg, tcfg,
                        seed: int, out: pathlib.Path) -> tuple[dict, bool]:
   """One run: trained (or resumed), evaluated, exported; its row is kept on disk.
 
-  Returns the row and whether it was trained by this call (False: found on disk). A row
-  found without the final model's NMSE along its curve gets it from the run's final
-  checkpoint when that is still on disk (seconds; the row file is updated).
+  Returns the row and whether it was trained by this call (False: found on disk).
   """
   run_name = name if len(preset.seeds) == 1 else f"{name}-s{seed}"
   path = row_path(out, preset, source.name, name, seed)
   run_dir = out / "runs" / source.name / run_name
   digest = capacity_digest(cfg, preset.batch_size)
-  make_batches = lambda: ScaledBatches(source.make_batches(preset.batch_size, seed),
-                                       source.scale)
-  rcfg = loop.RunConfig(steps=preset.steps, seed=seed,
-                        checkpoint_every=max(preset.steps // 4, 1),
-                        log_every=max(1, min(50, preset.steps // 8)), keep=1,
-                        progress=not args.quiet)
-  init_sample = source.init_sample * np.float32(source.scale)
   if path.exists():
     row = json.loads(path.read_text())
     if row.get("capacity_digest") == digest:
-      curve = row.get("curve") or []
-      final = run_dir / "checkpoints" / str(preset.steps)
-      if not curve or "nmse_final" in curve[0] or not final.exists():
-        return row, False
-      # The finished run's checkpoint gives its final parameters (fit trains no step).
-      state, _ = loop.fit(run_dir, cfg, tcfg, dataclasses.replace(rcfg, progress=False),
-                          make_batches(), init_sample=init_sample)
-      row["curve"] = add_final_nmse(curve, state.params, cfg, make_batches(),
-                                    preset.batch_size)
-      _write_row(path, row)
       return row, False
     # A Feature Choice run trained with other capacities than the library gives this
     # config now is another experiment: it is trained again, from scratch.
@@ -310,7 +336,9 @@ def train_and_evaluate(args, preset: Preset, source: sources_lib.Source, name: s
     path.unlink()
     shutil.rmtree(run_dir, ignore_errors=True)
   t_run = time.perf_counter()
-  state, _ = loop.fit(run_dir, cfg, tcfg, rcfg, make_batches(), init_sample=init_sample)
+  state, _ = loop.fit(run_dir, cfg, tcfg, _run_config(preset, seed, not args.quiet),
+                      _make_batches(preset, source, seed),
+                      init_sample=source.init_sample * np.float32(source.scale))
   row = {"name": name, "source": source.name, "seed": seed, "strategy": cfg.allocation,
          "aux_loss": tcfg.aux_loss, "k": cfg.k, "d_sae": cfg.d_sae, "steps": preset.steps,
          "batch_size": preset.batch_size}
@@ -318,8 +346,7 @@ def train_and_evaluate(args, preset: Preset, source: sources_lib.Source, name: s
     row["capacity_digest"] = digest
   row.update(evaluate_run(state, cfg, preset, source))
   row["train_seconds"] = time.perf_counter() - t_run
-  row["curve"] = add_final_nmse(training_curve(run_dir, preset.batch_size), state.params, cfg,
-                                make_batches(), preset.batch_size)
+  row["curve"] = training_curve(run_dir, preset.batch_size)
   if seed == preset.seeds[0]:
     export_dir = out / "saes" / (name if len(preset.sources) == 1 else f"{source.name}-{name}")
     export.export_saelens(export_dir, state.params, cfg, layer=source.layer,
@@ -415,6 +442,12 @@ def main(argv=None) -> dict:
       print(f"[{i + 1}/{len(plan)}] {source.name} {run_name} seed {seed}: "
             f"fvu={row['fvu']:.4f} l0={row['l0_mean']:.2f} dead={row['dead_fraction']:.3f}",
             flush=True)
+    # Once every seed of a configuration has its row, each curve gets the other seeds'
+    # final models' NMSE on its batches (seconds per seed).
+    siblings = {r["seed"]: r for r in rows
+                if r["source"] == source.name and r["name"] == run_name}
+    if set(siblings) == set(preset.seeds) and len(siblings) > 1:
+      trained_now |= add_reference_nmse(out, preset, source, run_name, cfg, tcfg, siblings)
     # Outputs (tables and plots, seconds each) are rewritten after every run trained in
     # this sitting; rows found on disk are only collected.
     written = trained_now

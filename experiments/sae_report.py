@@ -75,7 +75,8 @@ def _mean_std(vals: Sequence[float], fmt: str) -> str:
     return "–"
   if len(vals) == 1:
     return fmt.format(vals[0])
-  return f"{fmt.format(float(np.mean(vals)))} ± {fmt.format(float(np.std(vals, ddof=1)))}"
+  sd = fmt.format(float(np.std(vals, ddof=1))).lstrip("+")  # a spread carries no sign
+  return f"{fmt.format(float(np.mean(vals)))} ± {sd}"
 
 
 def _diff_cell(diffs: Sequence[float], scale: float = 1.0, digits: int = 4) -> str:
@@ -101,17 +102,17 @@ def flattening(curve: Sequence[dict], key: str = "nmse", decay_fraction: float =
 
 
 def adjusted_flattening(curve: Sequence[dict], decay_fraction: float = 0.2) -> float:
-  """``flattening`` of the training NMSE divided by the final model's NMSE on each batch.
+  """``flattening`` of the training NMSE divided by a fixed model's NMSE on each batch.
 
   Every point of the training curve is one batch. Where batches differ in difficulty by
   where they come from (a store whose shards differ in content, read in a seeded shard
-  order), the raw curve moves with the data order; ``nmse_final`` (the run's final
-  parameters on the same batch) moves with it too, so the ratio keeps only what training
-  changed. NaN for a curve without ``nmse_final`` (rows trained before it was kept).
+  order), the raw curve moves with the data order. ``nmse_ref`` (the other seeds' final
+  models on the same batch) moves with it too, so the ratio keeps what training changed.
+  NaN for a curve without ``nmse_ref``.
   """
-  if not curve or any(not p.get("nmse_final", 0) > 0 for p in curve):
+  if not curve or any(not p.get("nmse_ref", 0) > 0 for p in curve):
     return math.nan
-  ratio = np.asarray([p["nmse"] / p["nmse_final"] for p in curve], np.float64)
+  ratio = np.asarray([p["nmse"] / p["nmse_ref"] for p in curve], np.float64)
   return _flattening(ratio, decay_fraction)
 
 
@@ -247,9 +248,8 @@ def markdown(result: dict) -> str:
             "calibrated batch-independent inference path (MC/FC); flattening = relative fall "
             "of the training NMSE between the two eighths of the run before the learning-rate "
             "decay (0: flat); flattening (adj.) = the same for the training NMSE divided by "
-            "the final model's NMSE on the same batch, which removes the batches' own "
-            "difficulty (the data order) from the curve (empty for rows trained before it "
-            "was kept).", ""]
+            "the NMSE of the other seeds' final models on the same batch, which removes "
+            "the batches' own difficulty (the data order) from the curve.", ""]
   for source in sorted({k[0] for k in by_key}):
     lines += [f"## {source}", ""] + _source_table(by_key, source) + [""]
   lines += ["## Verdicts", "",

@@ -127,31 +127,37 @@ class SaeAllocationSmokeTest(absltest.TestCase):
           synthetic.SyntheticConfig(d_model=8, num_features=24), batch_size=32, seed=0)
       run_dir = pathlib.Path(tmp) / "run"
       state, _ = loop.fit(run_dir, cfg, tcfg, rcfg, data(), init_sample=data().sample(64))
-      curve = sae_allocation.add_final_nmse(sae_allocation.training_curve(run_dir, 32),
-                                            state.params, cfg, data(), 32)
+      curve = sae_allocation.training_curve(run_dir, 32)
       self.assertEqual([p["tokens"] for p in curve], [96, 192, 288, 384])
       logged = np.array([p["nmse"] for p in curve])
-      np.testing.assert_allclose([p["nmse_final"] for p in curve], logged, rtol=1e-5)
+      final = sae_allocation.final_model_nmse(state.params, cfg, data(), [3, 6, 9, 12])
+      np.testing.assert_allclose(final, logged, rtol=1e-5)
       off_by_one = sae_allocation.final_model_nmse(state.params, cfg, data(), [4, 7, 10, 13])
       self.assertGreater(np.max(np.abs(np.array(off_by_one) / logged - 1)), 1e-3)
 
-  def test_finished_row_gets_the_final_model_nmse_from_its_checkpoint(self):
+  def test_curves_get_the_other_seeds_final_models_nmse(self):
     with tempfile.TemporaryDirectory() as tmp:
       out = pathlib.Path(tmp) / "out"
-      argv = ["--preset", "smoke", "--sources", "synthbench", "--out", str(out), "--cache",
-              str(pathlib.Path(tmp) / "cache"), "--quiet", "--only", "topk-none-k8"]
-      row = sae_allocation.main(argv)["runs"][0]
-      self.assertTrue(all(p["nmse_final"] > 0 for p in row["curve"]))
-      # A row kept before the final NMSE was recorded gets it again, without training.
-      path = out / "rows" / "synthbench" / "topk-none-k8.json"
-      old = dict(row, curve=[{k: v for k, v in p.items() if k != "nmse_final"}
-                             for p in row["curve"]])
+      argv = ["--preset", "smoke", "--sources", "synthbench", "--seeds", "0", "1", "--out",
+              str(out), "--cache", str(pathlib.Path(tmp) / "cache"), "--quiet", "--only",
+              "topk-none-k8"]
+      rows = {r["seed"]: r for r in sae_allocation.main(argv)["runs"]}
+      self.assertEqual(rows[0]["reference_seeds"], [1])
+      self.assertEqual(rows[1]["reference_seeds"], [0])
+      for row in rows.values():
+        self.assertTrue(all(p["nmse_ref"] > 0 for p in row["curve"]))
+      self.assertIn("flattening (adj.)", (out / "results.md").read_text())
+      # A row kept without the reference gets it again from the other seed's checkpoint,
+      # without training.
+      path = out / "rows" / "synthbench" / "topk-none-k8-s0.json"
+      old = dict(rows[0], curve=[{k: v for k, v in p.items() if k != "nmse_ref"}
+                                 for p in rows[0]["curve"]])
       path.write_text(json.dumps(old))
-      again = sae_allocation.main(argv)["runs"][0]
-      self.assertEqual(again["train_seconds"], row["train_seconds"])
-      np.testing.assert_allclose([p["nmse_final"] for p in again["curve"]],
-                                 [p["nmse_final"] for p in row["curve"]], rtol=1e-6)
-      self.assertIn("nmse_final", json.loads(path.read_text())["curve"][0])
+      again = {r["seed"]: r for r in sae_allocation.main(argv)["runs"]}
+      self.assertEqual(again[0]["train_seconds"], rows[0]["train_seconds"])
+      np.testing.assert_allclose([p["nmse_ref"] for p in again[0]["curve"]],
+                                 [p["nmse_ref"] for p in rows[0]["curve"]], rtol=1e-6)
+      self.assertIn("nmse_ref", json.loads(path.read_text())["curve"][0])
 
   def test_rows_from_refuses_rows_of_another_configuration(self):
     with tempfile.TemporaryDirectory() as tmp:

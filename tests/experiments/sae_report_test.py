@@ -84,16 +84,16 @@ class FlatteningTest(absltest.TestCase):
 
   def test_adjusted_flattening_removes_the_batches_difficulty(self):
     # A converged model on data whose second eighth before the decay is 10 % harder: the
-    # raw curve reads -0.09 (rising), the curve divided by the final model's NMSE on the
+    # raw curve reads -0.09 (rising), the curve divided by a fixed model's NMSE on the
     # same batches reads 0.
     hard = [1.1 if 27 <= i < 32 else 1.0 for i in range(40)]
-    curve = [{"nmse": 0.5 * h, "nmse_final": 0.4 * h} for h in hard]
+    curve = [{"nmse": 0.5 * h, "nmse_ref": 0.4 * h} for h in hard]
     self.assertAlmostEqual(sae_report.flattening(curve), 1 / 1.1 - 1)
     self.assertAlmostEqual(sae_report.adjusted_flattening(curve), 0.0)
     # Still falling 5 % on equally hard batches: the adjusted value keeps it.
-    falling = [{"nmse": 0.5 * (1.05 if i < 27 else 1.0), "nmse_final": 0.4} for i in range(40)]
+    falling = [{"nmse": 0.5 * (1.05 if i < 27 else 1.0), "nmse_ref": 0.4} for i in range(40)]
     self.assertAlmostEqual(sae_report.adjusted_flattening(falling), 0.05)
-    # Rows kept before the final NMSE was recorded have none.
+    # A curve without the reference has no adjusted value.
     self.assertTrue(math.isnan(sae_report.adjusted_flattening([{"nmse": 0.5}] * 40)))
     self.assertTrue(math.isnan(sae_report.adjusted_flattening([])))
 
