@@ -77,7 +77,9 @@ def bench_one(b: int, d: int, f: int, k: int, repeats: int, seed: int) -> dict:
   matmul_fb = jax.jit(lambda x, w: w.T @ x.T)
   scores_fb = jax.block_until_ready(matmul_fb(x, w))
   n = allocation.mutual_choice_budget(b, k)
-  zipf = allocation.zipf_capacities(f, n, 1.0, max_capacity=b)
+  # The capacities model.feature_capacities gives FC-Zipf (floored at one slot when every
+  # feature can have one).
+  zipf = allocation.zipf_capacities(f, n, 1.0, max_capacity=b, min_capacity=1 if n >= f else 0)
   uniform = allocation.zipf_capacities(f, n, 0.0)
   cases = {
       "matmul": (jax.jit(jnp.matmul), (x, w)),
