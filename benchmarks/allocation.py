@@ -30,7 +30,7 @@ from jax import lax
 
 from benchmarks import output
 from sae_jax import allocation
-from sae_jax.allocation import strategies
+from sae_jax import model
 
 
 def median_time(fn, *args, repeats: int) -> float:
@@ -77,10 +77,10 @@ def bench_one(b: int, d: int, f: int, k: int, repeats: int, seed: int) -> dict:
   matmul_fb = jax.jit(lambda x, w: w.T @ x.T)
   scores_fb = jax.block_until_ready(matmul_fb(x, w))
   n = allocation.mutual_choice_budget(b, k)
-  # The capacities model.feature_capacities gives FC-Zipf (floored at one slot when every
-  # feature can have one).
-  zipf = allocation.zipf_capacities(f, n, 1.0, max_capacity=b, min_capacity=1 if n >= f else 0)
-  uniform = allocation.zipf_capacities(f, n, 0.0)
+  # The capacities an SAE of this shape trains with (FC-Zipf's floored at one slot).
+  caps = lambda rule: model.feature_capacities(
+      model.SAEConfig(d_model=d, d_sae=f, allocation=rule, k=k), b)
+  zipf, uniform = caps("feature_choice_zipf"), caps("feature_choice")
   cases = {
       "matmul": (jax.jit(jnp.matmul), (x, w)),
       "matmul_fb": (matmul_fb, (x, w)),

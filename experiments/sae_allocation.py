@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -246,18 +247,23 @@ def _seek(batches, index: int) -> None:
   batches.restore({**state, key: index})
 
 
-def final_model_nmse(params, cfg, batches, steps) -> list[float]:
-  """NMSE of ``params`` on the training batches behind the curve's points at ``steps``.
+@functools.partial(jax.jit, static_argnames="cfg")
+def _nmse(params, x, cfg):
+  return metrics.normalized_mse(model.forward(params, x, cfg).recon, x)
+
+
+def final_model_nmse(params_list, cfg, batches, steps) -> list[float]:
+  """Mean NMSE of the models ``params_list`` on the batches behind the curve's ``steps``.
 
   The curve's point at step ``s`` is the training NMSE of batch ``s - 1`` (0-based), so
   ``batches`` (a fresh iterator of the run's data, scaled as in training) is moved there
-  for each point.
+  for each point; each batch is read once for all models.
   """
-  nmse = jax.jit(lambda p, x: metrics.normalized_mse(model.forward(p, x, cfg).recon, x))
   out = []
   for s in steps:
     _seek(batches, int(s) - 1)
-    out.append(float(nmse(params, jnp.asarray(next(batches)))))
+    x = jnp.asarray(next(batches))
+    out.append(float(np.mean([_nmse(p, x, cfg) for p in params_list])))
   return out
 
 
@@ -292,7 +298,7 @@ def add_reference_nmse(out: pathlib.Path, preset: Preset, source, name: str, cfg
     return False
   params = {}
   for seed in rows:
-    run_dir = out / "runs" / source.name / (name if len(preset.seeds) == 1 else f"{name}-s{seed}")
+    run_dir = out / "runs" / source.name / _run_name(preset, name, seed)
     if (run_dir / "checkpoints" / str(preset.steps)).exists():
       # A finished run's checkpoint gives its final parameters (fit trains no step).
       state, _ = loop.fit(run_dir, cfg, tcfg, _run_config(preset, seed, False),
@@ -306,8 +312,8 @@ def add_reference_nmse(out: pathlib.Path, preset: Preset, source, name: str, cfg
       continue
     row = rows[seed]
     steps = [p["tokens"] // preset.batch_size for p in row["curve"]]
-    ref = np.mean([final_model_nmse(params[s], cfg, _make_batches(preset, source, seed), steps)
-                   for s in others], axis=0)
+    ref = final_model_nmse([params[s] for s in others], cfg,
+                           _make_batches(preset, source, seed), steps)
     row["curve"] = [{**p, "nmse_ref": float(r)} for p, r in zip(row["curve"], ref)]
     row["reference_seeds"] = others
     _write_row(row_path(out, preset, source.name, name, seed), row)
@@ -321,7 +327,7 @@ def train_and_evaluate(args, preset: Preset, source: sources_lib.Source, name: s
 
   Returns the row and whether it was trained by this call (False: found on disk).
   """
-  run_name = name if len(preset.seeds) == 1 else f"{name}-s{seed}"
+  run_name = _run_name(preset, name, seed)
   path = row_path(out, preset, source.name, name, seed)
   run_dir = out / "runs" / source.name / run_name
   digest = capacity_digest(cfg, preset.batch_size)
@@ -479,8 +485,12 @@ def capacity_digest(cfg, batch_size: int) -> str | None:
 def row_path(out: pathlib.Path, preset: Preset, source: str, name: str, seed: int
              ) -> pathlib.Path:
   """Where a finished run's row is kept."""
-  run_name = name if len(preset.seeds) == 1 else f"{name}-s{seed}"
-  return out / "rows" / source / f"{run_name}.json"
+  return out / "rows" / source / f"{_run_name(preset, name, seed)}.json"
+
+
+def _run_name(preset: Preset, name: str, seed: int) -> str:
+  """A run's folder and row name: the seed is named when the preset has several."""
+  return name if len(preset.seeds) == 1 else f"{name}-s{seed}"
 
 
 def import_rows(results_json: pathlib.Path, out: pathlib.Path, preset: Preset) -> int:

@@ -130,9 +130,10 @@ class SaeAllocationSmokeTest(absltest.TestCase):
       curve = sae_allocation.training_curve(run_dir, 32)
       self.assertEqual([p["tokens"] for p in curve], [96, 192, 288, 384])
       logged = np.array([p["nmse"] for p in curve])
-      final = sae_allocation.final_model_nmse(state.params, cfg, data(), [3, 6, 9, 12])
+      final = sae_allocation.final_model_nmse([state.params], cfg, data(), [3, 6, 9, 12])
       np.testing.assert_allclose(final, logged, rtol=1e-5)
-      off_by_one = sae_allocation.final_model_nmse(state.params, cfg, data(), [4, 7, 10, 13])
+      off_by_one = sae_allocation.final_model_nmse([state.params], cfg, data(),
+                                                 [4, 7, 10, 13])
       self.assertGreater(np.max(np.abs(np.array(off_by_one) / logged - 1)), 1e-3)
 
   def test_curves_get_the_other_seeds_final_models_nmse(self):
