@@ -277,7 +277,9 @@ def plots(result: dict, out: str | pathlib.Path) -> list[pathlib.Path]:
     plain = [r for r in rows if r.get("source", "minilm") == source and r["aux_loss"] == "none"
              and r["strategy"] != "relu"]
     if plain:
-      paths.append(sae_plots.plot_fvu_vs_l0_pareto(plain, out / f"fvu_vs_l0_{source}.png"))
+      paths.append(sae_plots.plot_fvu_vs_l0_pareto(
+          plain, out / f"fvu_vs_l0_{source}.png",
+          title=f"{source}: FVU vs L0, no aux loss (mean over seeds; error bars: sd over seeds)"))
     keys = [k for k in sorted(by_key, key=_sort_key) if k[0] == source]
     main_k = result["preset_config"].get("k")
     at_k = [k for k in keys if k[3] == main_k] or keys

@@ -242,13 +242,14 @@ def _distinct_names(name: str, values: Any) -> tuple[str, ...]:
 
 def plot_fvu_vs_l0_pareto(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
                           x: str = "l0_mean", y: str = "fvu", group: str = "strategy",
-                          point: str = "k") -> pathlib.Path:
+                          point: str = "k", title: str | None = None) -> pathlib.Path:
   """Reconstruction against sparsity: the frontier of each strategy over its ``k`` values.
 
   Rows sharing ``(row[group], row[point])`` (e.g. seeds of one strategy at one ``k``) make
   one point at their mean with error bars of one sample standard deviation (``ddof=1``;
   none for a single row) in both ``x`` and ``y``. The points of one ``group`` are joined
-  in order of mean ``x`` and labelled with their ``point`` value. The x axis is log.
+  in order of mean ``x`` and labelled with their ``point`` value, plus ``(n=...)`` where a
+  point has fewer rows than the figure's largest point. The x axis is log.
 
   Args:
     rows: dicts with the keys ``x``, ``y``, ``group`` and ``point`` (e.g. evaluation rows
@@ -258,9 +259,12 @@ def plot_fvu_vs_l0_pareto(rows: Sequence[Mapping[str, Any]], path: str | os.Path
     y: key of the y value (e.g. ``fvu``, ``explained_variance``).
     group: key naming the line a row belongs to (e.g. ``strategy``).
     point: key naming the point within a line (e.g. ``k``).
+    title: figure title (e.g. the source and the rows it shows); by default one that names
+      ``x``, ``y`` and the error bars.
 
   Raises:
-    ValueError: on empty input, a missing key, key names that are not distinct strings,
+    ValueError: on empty input, a missing key, key names that are not distinct strings, a
+      ``title`` that is not a non-empty string,
       an ``x`` value <= 0 or non-finite, or a non-finite ``y`` value.
   """
   path = _png_path(path)
@@ -268,6 +272,8 @@ def plot_fvu_vs_l0_pareto(rows: Sequence[Mapping[str, Any]], path: str | os.Path
   if not all(isinstance(v, str) and v for v in names) or len(set(names)) != 4:
     raise ValueError(f"x, y, group and point must be four distinct non-empty key names; got "
                      f"{names!r}.")
+  if title is not None and not (isinstance(title, str) and title.strip()):
+    raise ValueError(f"title must be a non-empty string or None; got {title!r}.")
   _rows("rows", rows, (x, y, group, point))
   cells: dict[str, dict[str, list[tuple[float, float]]]] = {}
   for i, row in enumerate(rows):
@@ -276,12 +282,14 @@ def plot_fvu_vs_l0_pareto(rows: Sequence[Mapping[str, Any]], path: str | os.Path
       raise ValueError(f"rows[{i}][{x!r}] must be > 0 to draw on a log axis; got 0.")
     yv = _finite(f"rows[{i}][{y!r}]", row[y])
     cells.setdefault(str(row[group]), {}).setdefault(str(row[point]), []).append((xv, yv))
+  most = max(len(values) for points in cells.values() for values in points.values())
   fig, ax = _figure(7.5, 4.5)
   for i, (name, points) in enumerate(cells.items()):
     stats = []
     for label, values in points.items():
       v = np.asarray(values)
       std = v.std(0, ddof=1) if len(v) > 1 else np.zeros(2)
+      label = f"{point}={label}" + (f" (n={len(v)})" if len(v) < most else "")
       stats.append((*v.mean(0), *std, label))
     stats.sort(key=lambda s: s[0])
     xs, ys, x_err, y_err, labels = zip(*stats)
@@ -289,7 +297,7 @@ def plot_fvu_vs_l0_pareto(rows: Sequence[Mapping[str, Any]], path: str | os.Path
     ax.errorbar(xs, ys, xerr=x_err, yerr=y_err, color=color, marker=_MARKERS[i % len(_MARKERS)],
                 capsize=3, linewidth=1.2, markersize=5, label=name)
     for xv, yv, label in zip(xs, ys, labels):
-      ax.annotate(f"{point}={label}", (xv, yv), textcoords="offset points", xytext=(4, 4),
+      ax.annotate(label, (xv, yv), textcoords="offset points", xytext=(4, 4),
                   fontsize=6, color=color)
   ax.set_xscale("log")
   # Plain numbers at 1, 2 and 5 per decade: L0 ranges often span less than a decade.
@@ -298,8 +306,8 @@ def plot_fvu_vs_l0_pareto(rows: Sequence[Mapping[str, Any]], path: str | os.Path
   ax.xaxis.set_minor_formatter(NullFormatter())
   ax.set_xlabel(x)
   ax.set_ylabel(y)
-  ax.set_title(f"{y} vs {x} (mean, error bars: std over rows sharing {group} and {point})",
-               fontsize="medium")
+  ax.set_title(title or f"{y} vs {x} (mean, error bars: std over rows sharing {group} and "
+               f"{point})", fontsize="medium")
   ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
   return _save(fig, path)
 

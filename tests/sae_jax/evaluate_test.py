@@ -476,7 +476,7 @@ class PlotsTest(parameterized.TestCase):
     self._check_png(plots.plot_fvu_vs_l0_pareto(rows, self.dir / "pareto.png"))
     self._check_png(plots.plot_fvu_vs_l0_pareto(
         [dict(r, explained_variance=1 - r["fvu"]) for r in rows], self.dir / "ev.png",
-        y="explained_variance"))
+        y="explained_variance", title="synthetic: explained variance vs L0"))
     spike = np.zeros(40)
     spike[16] = 1000  # TopK: every token at L0 = k.
     spread = np.bincount(np.random.default_rng(0).poisson(16, 1000), minlength=40)[:40]
@@ -504,6 +504,7 @@ class PlotsTest(parameterized.TestCase):
          r"rows\[0\]\['fvu'\] must be a finite number"),
         (lambda: plots.plot_fvu_vs_l0_pareto([row], p, y="l0_mean"), "four distinct"),
         (lambda: plots.plot_fvu_vs_l0_pareto([row], self.dir / "y.svg"), "must end in .png"),
+        (lambda: plots.plot_fvu_vs_l0_pareto([row], p, title=" "), "title must be a non-empty"),
         (lambda: plots.plot_l0_distributions({}, p), "l0_histograms_by_run must not be empty"),
         (lambda: plots.plot_l0_distributions({"a": np.zeros(3)}, p), "positive total"),
         (lambda: plots.plot_l0_distributions({"a": np.ones((2, 2))}, p),
