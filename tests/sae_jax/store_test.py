@@ -206,9 +206,10 @@ class ShuffledBatchesTest(StoreTestCase):
     return store.write_store_from_arrays(self.root / f"s{n}", _rows(n), shard_rows=shard_rows,
                                          dtype=dtype)
 
-  @parameterized.parameters(5, 16, 1000)
-  def test_each_epoch_covers_every_row_once(self, buffer_rows):
-    batches = batches_lib.ShuffledBatches(self._reader(48), 8, seed=0, buffer_rows=buffer_rows)
+  @parameterized.product(buffer_rows=(5, 16, 1000), mix_shards=(False, True))
+  def test_each_epoch_covers_every_row_once(self, buffer_rows, mix_shards):
+    batches = batches_lib.ShuffledBatches(self._reader(48), 8, seed=0, buffer_rows=buffer_rows,
+                                          mix_shards=mix_shards)
     ids = np.concatenate([next(batches)[:, 0] for _ in range(12)]).astype(int)
     first, second = ids[:48], ids[48:]
     self.assertEqual(sorted(first), list(range(48)))
@@ -231,25 +232,29 @@ class ShuffledBatchesTest(StoreTestCase):
     self.assertFalse(np.array_equal(a[0], next(b)))
     np.testing.assert_array_equal(a[0], reader.read(0, 45)[a[0][:, 0].astype(int)])
 
-  @parameterized.parameters(3, 5, 6, 11)  # 5: straddles epochs 0 and 1; 11: in epoch 1
-  def test_restore_is_bitwise_equal(self, at):
+  # 5: straddles epochs 0 and 1; 11: in epoch 1.
+  @parameterized.product(at=(3, 5, 6, 11), mix_shards=(False, True))
+  def test_restore_is_bitwise_equal(self, at, mix_shards):
     reader = self._reader(45)
-    run = batches_lib.ShuffledBatches(reader, 8, seed=2, buffer_rows=16)
+    run = batches_lib.ShuffledBatches(reader, 8, seed=2, buffer_rows=16, mix_shards=mix_shards)
     for _ in range(at):
       next(run)
     state = json.loads(json.dumps(run.state()))
     expected = [next(run) for _ in range(8)]
-    resumed = batches_lib.ShuffledBatches(reader, 8, seed=2, buffer_rows=16)
+    resumed = batches_lib.ShuffledBatches(reader, 8, seed=2, buffer_rows=16,
+                                          mix_shards=mix_shards)
     resumed.restore(state)
     for want, got in zip(expected, [next(resumed) for _ in range(8)]):
       self.assertEqual(want.tobytes(), got.tobytes())
     self.assertEqual((state["epoch"], state["position"]), divmod(at * 8, 45))
 
-  def test_processes_split_each_global_batch_disjointly(self):
+  @parameterized.parameters(False, True)
+  def test_processes_split_each_global_batch_disjointly(self, mix_shards):
     reader = self._reader(48)
-    whole = batches_lib.ShuffledBatches(reader, 12, seed=5, buffer_rows=10)
+    whole = batches_lib.ShuffledBatches(reader, 12, seed=5, buffer_rows=10, mix_shards=mix_shards)
     parts = [batches_lib.ShuffledBatches(reader, 4, seed=5, buffer_rows=10, process_index=i,
-                                   process_count=3) for i in range(3)]
+                                         process_count=3, mix_shards=mix_shards)
+             for i in range(3)]
     seen = []
     for _ in range(4):  # one epoch
       batch = [next(p) for p in parts]
@@ -267,7 +272,8 @@ class ShuffledBatchesTest(StoreTestCase):
         ({"num_epochs": 0}, "num_epochs must be >= 1; got 0"),
         ({"process_index": 2, "process_count": 2},
          "process_index must be in \\[0, process_count=2\\); got 2"),
-        ({"batch_size": 23, "process_count": 2}, "= 46 exceeds the store's 45 rows")):
+        ({"batch_size": 23, "process_count": 2}, "= 46 exceeds the store's 45 rows"),
+        ({"mix_shards": "yes"}, "mix_shards must be True or False; got 'yes'")):
       with self.assertRaisesRegex(ValueError, pattern):
         batches_lib.ShuffledBatches(reader, **{"batch_size": 8, "seed": 0, **kwargs})
     batches = batches_lib.ShuffledBatches(reader, 8, seed=0)
@@ -275,6 +281,26 @@ class ShuffledBatchesTest(StoreTestCase):
       batches.restore({**batches.state(), "seed": 1})
     with self.assertRaisesRegex(ValueError, "state\\['step'\\] must be an int >= 0; got -1"):
       batches.restore({**batches.state(), "step": -1})
+    with self.assertRaisesRegex(ValueError, "state\\['mix_shards'\\] = True but this iterator "
+                                "has mix_shards=False"):
+      batches.restore({**batches.state(), "mix_shards": True})
+    old = {k: v for k, v in batches.state().items() if k != "mix_shards"}
+    batches.restore({**old, "step": 3})  # a state from before the option: the default layout
+    self.assertEqual(batches.step, 3)
+
+  def test_mixed_blocks_draw_on_every_shard_in_proportion(self):
+    # 700 rows in 7 shards of 100 whose rows differ by shard (row id // 100); blocks of 100.
+    reader = self._reader(700, shard_rows=100)
+    def shards_of(mix_shards, seed):
+      batches = batches_lib.ShuffledBatches(reader, 50, seed=seed, buffer_rows=100,
+                                            mix_shards=mix_shards)
+      block = np.concatenate([next(batches)[:, 0] for _ in range(2)]).astype(int)
+      return np.bincount(block // 100, minlength=7)
+    for seed in range(3):
+      plain, mixed = shards_of(False, seed), shards_of(True, seed)
+      self.assertEqual(np.count_nonzero(plain), 1)  # one block = one whole shard
+      self.assertEqual(mixed.sum(), 100)
+      self.assertTrue(set(mixed.tolist()) <= {14, 15}, mixed)  # 100 // 7 or one more
 
 
 if __name__ == "__main__":
