@@ -10,6 +10,10 @@ The loop never waits for the devices between steps. A :class:`Prefetcher` thread
 the batches a few steps ahead and places each process's rows on the devices; the step
 metrics stay on the devices and are fetched only on log steps (every ``log_every``),
 checkpoint steps and the last step; checkpoints are written asynchronously by Orbax.
+Each line of ``metrics.jsonl`` holds the metrics of its own step and, as ``<name>_mean``,
+the mean of ``loss``, ``nmse``, ``l0`` and ``aux_loss`` over every step since the previous
+line (summed on the devices; a resumed run carries the partial sums in its checkpoint, so
+its lines match an uninterrupted run's).
 The source is read exactly once per step run, so it ends where an unprefetched loop would.
 
 Nothing is lost on a crash: checkpoints (train state + data position of the batches
@@ -52,6 +56,8 @@ import runkit
 
 CONFIG_FILE = runkit.CONFIG_FILE
 METRICS_FILE = "metrics.jsonl"
+# Step metrics whose mean since the previous line each metrics line also holds.
+MEAN_KEYS = ("loss", "nmse", "l0", "aux_loss")
 
 
 class NonFiniteError(runkit.NonFiniteError):
@@ -226,13 +232,31 @@ def _watch_update(watch: _FiniteWatch, step_metrics: dict, step) -> _FiniteWatch
       bad_loss=jnp.where(first, step_metrics["loss"].astype(jnp.float32), watch.bad_loss))
 
 
+class _Interval(NamedTuple):
+  """Device-side sums of the ``MEAN_KEYS`` metrics over the steps since the last line."""
+
+  sums: dict
+  count: jax.Array
+
+
+def _interval_init(values: dict | None = None) -> _Interval:
+  """Zero sums, or the host values a checkpoint recorded (exact: float32 round trips)."""
+  values = values or {}
+  sums = values.get("sums", {})
+  return _Interval({k: jnp.asarray(sums.get(k, 0.0), jnp.float32) for k in MEAN_KEYS},
+                   jnp.asarray(values.get("count", 0), jnp.int32))
+
+
 def _step_with_watch(step_fn):
-  """``step_fn`` and the non-finite watch's update as one jitted program (one dispatch per
-  step instead of two); the state and the watch are donated."""
-  def run(state, x, watch, step):
+  """``step_fn``, the non-finite watch's update and the interval sums as one jitted program
+  (one dispatch per step); the state, the watch and the sums are donated."""
+  def run(state, x, watch, interval, step):
     state, step_metrics = step_fn(state, x)
-    return state, step_metrics, _watch_update(watch, step_metrics, step)
-  return jax.jit(run, donate_argnums=(0, 2))
+    sums = {k: s + step_metrics[k].astype(jnp.float32) if k in step_metrics else s
+            for k, s in interval.sums.items()}
+    return (state, step_metrics, _watch_update(watch, step_metrics, step),
+            _Interval(sums, interval.count + 1))
+  return jax.jit(run, donate_argnums=(0, 2, 3))
 
 
 def _check_run_folder(run_dir: pathlib.Path, configs: dict, metrics: runkit.MetricsLog,
@@ -287,6 +311,7 @@ def fit(run_dir: str | os.PathLike, cfg: model.SAEConfig, tcfg: train_state.Trai
     _check_run_folder(run_dir, configs, metrics_log, latest is not None)
     mesh = sharding.make_mesh(rcfg.n_data, rcfg.n_model)
     key = jax.random.key(rcfg.seed)
+    resumed_interval = None
     if latest is None:
       sample = None if init_sample is None else np.asarray(init_sample, np.float32)
       state = sharding.init_sharded_state(key, cfg, tcfg, mesh, sample)
@@ -302,6 +327,9 @@ def fit(run_dir: str | os.PathLike, cfg: model.SAEConfig, tcfg: train_state.Trai
                             abstract, shardings)
       state, meta = ckpt.restore(target, latest, expected_configs=configs)
       batches.restore(meta["data"])
+      # Checkpoints written before the interval means existed carry no sums: the first
+      # line after resuming then averages the steps since the resume.
+      resumed_interval = meta.get("interval")
     start = int(state.step)
     if jax.process_index() == 0:
       runkit.write_config(run_dir, configs)
@@ -312,6 +340,8 @@ def fit(run_dir: str | os.PathLike, cfg: model.SAEConfig, tcfg: train_state.Trai
     batch_sharding = sharding.batch_sharding(mesh)
     replicated = NamedSharding(mesh, P())
     watch = jax.jit(_watch_init, out_shardings=replicated)()
+    new_interval = jax.jit(_interval_init, out_shardings=replicated)
+    interval = jax.jit(lambda: _interval_init(resumed_interval), out_shardings=replicated)()
     last_saved = latest
     summary: dict[str, float] = {}
     bar = tqdm(total=rcfg.steps, initial=start, desc="sae",
@@ -325,20 +355,24 @@ def fit(run_dir: str | os.PathLike, cfg: model.SAEConfig, tcfg: train_state.Trai
     t_last, tokens_since = time.perf_counter(), 0
     for step in range(start, rcfg.steps):
       batch = next(prefetcher)
-      state, m, watch = step_fn(state, batch.array, watch, step)
+      state, m, watch, interval = step_fn(state, batch.array, watch, interval, step)
       tokens_since += batch.rows * jax.process_count()
       done = step + 1
       log_now = done % rcfg.log_every == 0 or done == rcfg.steps
       save_now = done % rcfg.checkpoint_every == 0 or done == rcfg.steps
       if log_now or save_now:
         # The loop's only host round trip: one transfer of the metrics and the flags.
-        m_host, watch_host = _host_values((m if log_now else {}, watch))
+        m_host, watch_host, interval_host = _host_values((m if log_now else {}, watch,
+                                                          interval))
         if not watch_host.ok:
           raise NonFiniteError(_non_finite_message(watch_host, done, ckpt, last_saved))
       if log_now:
         now = time.perf_counter()
         summary = dict(m_host)
+        summary.update({f"{k}_mean": interval_host.sums[k] / interval_host.count
+                        for k in MEAN_KEYS if k in m_host})
         summary.update(step=done, tokens_per_s=tokens_since / max(now - t_last, 1e-9))
+        interval, interval_host = new_interval(), _Interval({}, 0)
         t_last, tokens_since = now, 0
         if jax.process_index() == 0:
           metrics_log.append(summary)
@@ -346,7 +380,8 @@ def fit(run_dir: str | os.PathLike, cfg: model.SAEConfig, tcfg: train_state.Trai
                         loss=f"{summary['loss']:.4f}", l0=f"{summary['l0']:.1f}",
                         dead=f"{summary['dead_fraction']:.3f}")
       if save_now:
-        ckpt.save(done, state, {"data": batch.position, "configs": configs, "step": done})
+        ckpt.save(done, state, {"data": batch.position, "configs": configs, "step": done,
+                                "interval": interval_host._asdict()})
         last_saved = done
       bar.update(1)
       if on_step is not None:

@@ -291,6 +291,42 @@ def test_resume_is_announced(tmp_path, capsys):
           in capsys.readouterr().out)
 
 
+def _lines(run):
+  return {l["step"]: l for l in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+class _Stop(Exception):
+  pass
+
+
+def test_lines_hold_means_since_the_previous_line_and_resume_keeps_them(tmp_path):
+  cfg, tcfg, rcfg, data = _small()
+  rcfg = dataclasses.replace(rcfg, steps=9, checkpoint_every=2)
+  tcfg = dataclasses.replace(tcfg, total_steps=9)
+  loop.fit(tmp_path / "every", cfg, tcfg, rcfg, _small()[3])  # a line at every step
+  every = _lines(tmp_path / "every")
+  straight_cfg = dataclasses.replace(rcfg, log_every=3)
+  loop.fit(tmp_path / "straight", cfg, tcfg, straight_cfg, _small()[3])
+  straight = _lines(tmp_path / "straight")
+  assert sorted(straight) == [3, 6, 9]
+  for end in (3, 6, 9):  # the same steps, logged every step: the mean of three lines
+    for key in loop.MEAN_KEYS:
+      want = np.mean([np.float32(every[s][key]) for s in range(end - 2, end + 1)])
+      np.testing.assert_allclose(straight[end][f"{key}_mean"], want, rtol=1e-6)
+  assert straight[6]["nmse_mean"] != straight[6]["nmse"]  # a mean, not the last step's value
+
+  def stop_at_5(step):
+    if step == 5:  # after the step-4 checkpoint, in the middle of the interval 4-6
+      raise _Stop
+  with pytest.raises(_Stop):
+    loop.fit(tmp_path / "resumed", cfg, tcfg, straight_cfg, _small()[3], on_step=stop_at_5)
+  loop.fit(tmp_path / "resumed", cfg, tcfg, straight_cfg, _small()[3])
+  assert _lines(tmp_path / "resumed").keys() == straight.keys()
+  for step, line in _lines(tmp_path / "resumed").items():
+    for key in loop.MEAN_KEYS:
+      assert line[f"{key}_mean"] == straight[step][f"{key}_mean"], (step, key)
+
+
 def test_folder_without_checkpoint_starts_over_only_with_the_same_configs(tmp_path):
   cfg, tcfg, rcfg, data = _small()
   run = tmp_path / "run"
