@@ -99,6 +99,9 @@ class Preset:
   synth_width: float = 0.25
   probe_windows: int = 32
   lm_stream: bool = False
+  # Every shuffle block of a store takes a slice of every shard (ShuffledBatches); off in
+  # the cpu-long grid, whose rows were trained with the shard-by-shard layout.
+  mix_shards: bool = False
 
 
 PRESETS = {
@@ -398,13 +401,17 @@ def main(argv=None) -> dict:
   parser.add_argument("--quiet", action="store_true", help="no progress bars or tables")
   parser.add_argument("--rows-from", metavar="RESULTS_JSON",
                       help="count the runs of an earlier results.json as finished")
+  parser.add_argument("--mix-shards", action="store_true",
+                      help="store sources: build every shuffle block from a slice of every "
+                           "shard, for stores whose shards differ in content")
   parser.add_argument("--log-runs", action="store_true",
                       help="one line per finished run even with --quiet (for log files)")
   args = parser.parse_args(argv)
   preset = PRESETS[args.preset]
   overrides = {"steps": args.steps, "k": args.k,
                "sources": tuple(args.sources) if args.sources else None,
-               "seeds": tuple(args.seeds) if args.seeds else None}
+               "seeds": tuple(args.seeds) if args.seeds else None,
+               "mix_shards": True if args.mix_shards else None}
   preset = dataclasses.replace(preset, **{k: v for k, v in overrides.items() if v is not None})
   if args.store and not {"minilm", "lm"} & set(preset.sources):
     parser.error("--store replaces the MiniLM or LM harvest; add minilm or lm to --sources or "
@@ -503,6 +510,10 @@ def import_rows(results_json: pathlib.Path, out: pathlib.Path, preset: Preset) -
   earlier = json.loads(results_json.read_text())
   if "runs" not in earlier:
     raise ValueError("not a results.json of this experiment (no 'runs' list)")
+  theirs = earlier.get("preset_config", {}).get("mix_shards", False)
+  if theirs != preset.mix_shards:
+    raise ValueError(f"its runs were trained with mix_shards={theirs}, this one with "
+                     f"mix_shards={preset.mix_shards}; they read the store in another order")
   written = 0
   for row in earlier["runs"]:
     if (row["steps"], row["batch_size"]) != (preset.steps, preset.batch_size):

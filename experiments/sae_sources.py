@@ -238,17 +238,18 @@ def minilm_source(args, preset: Preset) -> Source:
       probe_raw = probe_accuracy(probe_x * np.float32(scale), probe_labels)
     else:
       probe_x = probe_labels = None
-  return Source("minilm", *_store_fields(reader), scale, eval_x, d_sae, layer=preset.layer,
+  return Source("minilm", *_store_fields(reader, preset.mix_shards), scale, eval_x, d_sae, layer=preset.layer,
                 context_size=preset.window, fidelity=fidelity, probe_x=probe_x,
                 probe_labels=probe_labels, probe_raw=probe_raw,
                 description=(f"all-MiniLM-L6-v2 residual stream after block {preset.layer} "
                              f"({corpora}), {reader.count} harvested tokens, d={d_model}"))
 
 
-def _store_fields(reader) -> tuple:
+def _store_fields(reader, mix_shards: bool = False) -> tuple:
   """(d, make_batches, init_sample, store, store_tokens) of a store source."""
   return (reader.d,
-          lambda batch_size, seed: batches_lib.ShuffledBatches(reader, batch_size, seed),
+          lambda batch_size, seed: batches_lib.ShuffledBatches(reader, batch_size, seed,
+                                                               mix_shards=mix_shards),
           reader.read(0, min(reader.count, INIT_SAMPLE)), str(reader.path), reader.count)
 
 
@@ -269,7 +270,7 @@ def synthbench_source(args, preset: Preset) -> Source:
     reader = synthbench.write_synthbench_store(
         pathlib.Path(args.cache) / name, bench, preset.synth_tokens, seed=SYNTH_STREAM_SEED,
         source=f"synthbench:{preset.synthbench}", progress=not args.quiet)
-    fields = _store_fields(reader)
+    fields = _store_fields(reader, preset.mix_shards)
     norm_mean = reader.stats.norm_mean
     tokens = f"{reader.count} stored tokens"
   else:
@@ -378,7 +379,7 @@ def lm_source(args, preset: Preset) -> Source:
       raise ValueError(f"the store {reader.path} holds d={reader.d} activations but "
                        f"{args.model_dir} has d={lm_cfg.hidden_size}: pass the store "
                        f"harvested from this model or drop --store.")
-    fields = _store_fields(reader)
+    fields = _store_fields(reader, preset.mix_shards)
     norm_mean, mean_activation = reader.stats.norm_mean, reader.stats.mean
     trained_on = f"{reader.count} harvested tokens"
   d = lm_cfg.hidden_size

@@ -1,5 +1,6 @@
 """End-to-end smoke runs of experiments/sae_allocation.py on tiny configs."""
 
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -28,10 +29,11 @@ class SaeAllocationSmokeTest(absltest.TestCase):
       out = pathlib.Path(tmp) / "out"
       runs = ["mutual_choice-aux_zipf-k8", "feature_choice_zipf-none-k8", "topk-none-k4"]
       result = sae_allocation.main(["--preset", "smoke", "--out", str(out), "--cache",
-                                    str(pathlib.Path(tmp) / "cache"), "--quiet", "--only",
-                                    *runs])
+                                    str(pathlib.Path(tmp) / "cache"), "--quiet",
+                                    "--mix-shards", "--only", *runs])
       saved = json.loads((out / "results.json").read_text())
       self.assertEqual([r["name"] for r in saved["runs"]], runs)
+      self.assertTrue(saved["preset_config"]["mix_shards"])
       for r in saved["runs"]:
         for key in REQUIRED + ("fidelity_recovered",):
           self.assertIn(key, r)
@@ -175,6 +177,11 @@ class SaeAllocationSmokeTest(absltest.TestCase):
       self.assertEqual(sae_allocation.import_rows(earlier, out, preset), 1)
       self.assertEqual(sae_allocation.import_rows(earlier, out, preset), 0)  # kept, not rewritten
       self.assertTrue((out / "rows" / "synthbench" / "topk-none-k8.json").exists())
+      # Rows of a results.json without the field were read shard by shard.
+      with self.assertRaisesRegex(ValueError, "trained with mix_shards=False, this one with "
+                                  "mix_shards=True"):
+        sae_allocation.import_rows(earlier, pathlib.Path(tmp) / "mixed",
+                                   dataclasses.replace(preset, mix_shards=True))
 
   def test_lm_source_from_a_model_folder(self):
     # A random 2-layer GPT-2 in the Hugging Face format stands in for GPT-2-small.
