@@ -350,7 +350,7 @@ def train_and_evaluate(args, preset: Preset, source: sources_lib.Source, name: s
                       init_sample=source.init_sample * np.float32(source.scale))
   row = {"name": name, "source": source.name, "seed": seed, "strategy": cfg.allocation,
          "aux_loss": tcfg.aux_loss, "k": cfg.k, "d_sae": cfg.d_sae, "steps": preset.steps,
-         "batch_size": preset.batch_size}
+         "batch_size": preset.batch_size, "mix_shards": preset.mix_shards}
   if digest is not None:
     row["capacity_digest"] = digest
   row.update(evaluate_run(state, cfg, preset, source))
@@ -496,8 +496,11 @@ def row_path(out: pathlib.Path, preset: Preset, source: str, name: str, seed: in
 
 
 def _run_name(preset: Preset, name: str, seed: int) -> str:
-  """A run's folder and row name: the seed is named when the preset has several."""
-  return name if len(preset.seeds) == 1 else f"{name}-s{seed}"
+  """A run's folder and row name: the seed is named when the preset has several, and
+  ``-mixed`` marks runs that read their store with ``mix_shards`` (another data order, so
+  they never share a folder or a row with the others)."""
+  run = name if len(preset.seeds) == 1 else f"{name}-s{seed}"
+  return f"{run}-mixed" if preset.mix_shards else run
 
 
 def import_rows(results_json: pathlib.Path, out: pathlib.Path, preset: Preset) -> int:
@@ -510,12 +513,13 @@ def import_rows(results_json: pathlib.Path, out: pathlib.Path, preset: Preset) -
   earlier = json.loads(results_json.read_text())
   if "runs" not in earlier:
     raise ValueError("not a results.json of this experiment (no 'runs' list)")
-  theirs = earlier.get("preset_config", {}).get("mix_shards", False)
-  if theirs != preset.mix_shards:
-    raise ValueError(f"its runs were trained with mix_shards={theirs}, this one with "
-                     f"mix_shards={preset.mix_shards}; they read the store in another order")
   written = 0
   for row in earlier["runs"]:
+    if row.get("mix_shards", False) != preset.mix_shards:  # rows before the flag: False
+      raise ValueError(
+          f"row {row['source']}/{row['name']} seed {row['seed']} was trained with mix_shards="
+          f"{row.get('mix_shards', False)}, this run with mix_shards={preset.mix_shards}; "
+          f"they read the store in another order")
     if (row["steps"], row["batch_size"]) != (preset.steps, preset.batch_size):
       raise ValueError(
           f"row {row['source']}/{row['name']} seed {row['seed']} has steps={row['steps']}, "

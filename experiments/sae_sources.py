@@ -238,8 +238,8 @@ def minilm_source(args, preset: Preset) -> Source:
       probe_raw = probe_accuracy(probe_x * np.float32(scale), probe_labels)
     else:
       probe_x = probe_labels = None
-  return Source("minilm", *_store_fields(reader, preset.mix_shards), scale, eval_x, d_sae, layer=preset.layer,
-                context_size=preset.window, fidelity=fidelity, probe_x=probe_x,
+  return Source("minilm", *_store_fields(reader, preset.mix_shards), scale, eval_x, d_sae,
+                layer=preset.layer, context_size=preset.window, fidelity=fidelity, probe_x=probe_x,
                 probe_labels=probe_labels, probe_raw=probe_raw,
                 description=(f"all-MiniLM-L6-v2 residual stream after block {preset.layer} "
                              f"({corpora}), {reader.count} harvested tokens, d={d_model}"))

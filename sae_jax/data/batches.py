@@ -33,11 +33,14 @@ class ShuffledBatches:
     cut into blocks of ``buffer_rows`` rows. A block spans one or a few shards, so when
     shards differ in content (different corpora or documents harvested in order) the
     stream drifts from shard to shard.
-  - ``mix_shards=True``: the epoch has ``ceil(count / buffer_rows)`` blocks and block ``j``
-    holds the ``j``-th equal slice of every shard (``shard_rows[s] // num_blocks`` rows,
-    give or take one), visited in a seeded random order. Every block, and so every batch,
-    draws on all shards in proportion to their size; a block holds about ``count /
-    num_blocks <= buffer_rows`` rows and costs one contiguous read per shard.
+  - ``mix_shards=True``: the epoch has ``num_blocks = ceil(count / buffer_rows)`` blocks
+    and block ``j`` holds the ``j``-th equal slice of every shard (``shard_rows[s] //
+    num_blocks`` rows, give or take one), visited in a seeded random order. Every block,
+    and so every batch, draws on every shard of at least ``num_blocks`` rows in proportion
+    to its size. A block holds ``count / num_blocks`` rows give or take the number of
+    shards (``buffer_rows`` plus at most one row per shard), and costs one contiguous read
+    per shard: cheap from SSD or the page cache, slow from a spinning disk when the store
+    is far larger than memory.
 
   Args:
     reader: the store.
@@ -89,8 +92,9 @@ class ShuffledBatches:
     mine = self.state()
     defaults = {"mix_shards": False}  # states written before the option existed
     for key in ("seed", "global_batch", "buffer_rows", "count", "mix_shards"):
-      if state.get(key, defaults.get(key)) != mine[key]:
-        raise ValueError(f"state[{key!r}] = {state.get(key)!r} but this iterator has "
+      theirs = state.get(key, defaults.get(key))
+      if theirs != mine[key]:
+        raise ValueError(f"state[{key!r}] = {theirs!r} but this iterator has "
                          f"{key}={mine[key]!r}; restore needs the same setting.")
     if not isinstance(state.get("step"), int) or state["step"] < 0:
       raise ValueError(f"state['step'] must be an int >= 0; got {state.get('step')!r}.")

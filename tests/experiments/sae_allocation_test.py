@@ -34,6 +34,10 @@ class SaeAllocationSmokeTest(absltest.TestCase):
       saved = json.loads((out / "results.json").read_text())
       self.assertEqual([r["name"] for r in saved["runs"]], runs)
       self.assertTrue(saved["preset_config"]["mix_shards"])
+      self.assertTrue(all(r["mix_shards"] for r in saved["runs"]))
+      # Runs read in the shuffled-shard order keep folders of their own.
+      self.assertTrue((out / "saes" / runs[0]).is_dir())
+      self.assertTrue((out / "runs" / "minilm" / f"{runs[0]}-mixed").is_dir())
       for r in saved["runs"]:
         for key in REQUIRED + ("fidelity_recovered",):
           self.assertIn(key, r)
@@ -178,7 +182,7 @@ class SaeAllocationSmokeTest(absltest.TestCase):
       self.assertEqual(sae_allocation.import_rows(earlier, out, preset), 0)  # kept, not rewritten
       self.assertTrue((out / "rows" / "synthbench" / "topk-none-k8.json").exists())
       # Rows of a results.json without the field were read shard by shard.
-      with self.assertRaisesRegex(ValueError, "trained with mix_shards=False, this one with "
+      with self.assertRaisesRegex(ValueError, "trained with mix_shards=False, this run with "
                                   "mix_shards=True"):
         sae_allocation.import_rows(earlier, pathlib.Path(tmp) / "mixed",
                                    dataclasses.replace(preset, mix_shards=True))
